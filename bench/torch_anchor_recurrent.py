@@ -20,6 +20,19 @@ autocast, fused AdamW lr 3e-4 betas (0.9, 0.95) eps 1e-5 wd 0.1, global-norm cli
         Both "hf" variants FAILED on the device on 2026-11-26 (Mamba2: transformers' kernel path
         needs causal_conv1d, absent there; xLSTM: an in-place autograd error in its native
         chunkwise path), so the default is "ref" only; they stay selectable (--variants ref hf).
+  xlstm-large-125m           PERFORMANCE.md's "xlstm-125m" row itself: transformers xLSTMForCausalLM,
+        xLSTMConfig(hidden_size=768, num_blocks=12, num_heads=4, vocab_size=50304, chunk_size=64,
+        mode="train"), every other field at its default (= ops/ preset xlstm-large-125m: dk 96,
+        dv 192, FFN 2048, caps 15 / 30, untied, 162,303,840 parameters, printed). Variants:
+        "hf"        transformers as it is (without the external `xlstm` package its backend always
+                    runs its own chunkwise--native_autograd, whatever chunkwise_kernel says);
+        "hf-native" the same model with each layer's training cell replaced by this file's
+                    functional native PyTorch chunkwise mLSTM (mlstm_native_chunkwise: same math,
+                    no in-place writes into state buffers), eager;
+        "hf-tfla"   the same model with the cell replaced by NX-AI/mlstm_kernels TFLA
+                    `chunkwise--triton_xl_chunk` (package on PYTHONPATH, DISABLE_LLVM_OPT=1).
+        The cell replacement keeps everything else of transformers' block (projections, soft caps,
+        multi-head LayerNorm, out gate, FFN, out norm, logit cap).
 
 Step time: CUDA events around forward + backward + clip + optimizer step; warm-up, median.
 MFU: same formula as recurrent_step_bench.cc (6 N tokens + cell terms) / 989 TFLOP/s.
@@ -43,6 +56,7 @@ def round64(x):
 
 MAMBA = {"mamba2-130m": (768, 24), "mamba2-1.3b": (2048, 48)}
 XLSTM = {"xlstm[1:0]-125m": (768, 24), "xlstm[1:0]-1.3b": (2048, 48)}
+XLSTM_LARGE = {"xlstm-large-125m": (768, 12)}  # transformers xLSTMForCausalLM, 4 heads
 
 
 class RMSNorm(nn.Module):
@@ -108,18 +122,18 @@ class Mamba2LM(nn.Module):
 
 # ---------------------------------------------------------------- xLSTM v1 (mLSTM blocks)
 
-def mlstm_native_chunkwise(q, k, v, i, f, chunk, eps=1e-6):
+def mlstm_native_chunkwise(q, k, v, i, f, chunk, eps=1e-6, return_last_states=False):
     """Chunkwise mLSTM in PyTorch, [B, NH, S, D] (stabilised as the xLSTM paper; sigmoid forget)."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     L = chunk
     assert S % L == 0
     NC = S // L
-    q = q.float().view(B, NH, NC, L, DK) * DK ** -0.5
-    k = k.float().view(B, NH, NC, L, DK)
-    v = v.float().view(B, NH, NC, L, DV)
-    lf = F.logsigmoid(f.float()).view(B, NH, NC, L)
-    i = i.float().view(B, NH, NC, L)
+    q = q.float().reshape(B, NH, NC, L, DK) * DK ** -0.5  # reshape: transformers passes transposed views
+    k = k.float().reshape(B, NH, NC, L, DK)
+    v = v.float().reshape(B, NH, NC, L, DV)
+    lf = F.logsigmoid(f.float()).reshape(B, NH, NC, L)
+    i = i.float().reshape(B, NH, NC, L)
     b = lf.cumsum(-1)                                   # within-chunk log decay
     C = torch.zeros(B, NH, DK, DV, device=q.device)
     n = torch.zeros(B, NH, DK, device=q.device)
@@ -149,7 +163,8 @@ def mlstm_native_chunkwise(q, k, v, i, f, chunk, eps=1e-6):
         C = decay[..., None, None] * C + (kc * w[..., None]).transpose(-1, -2) @ vc
         n = decay[..., None] * n + (kc * w[..., None]).sum(-2)
         m = m_new
-    return torch.stack(hs, 2).reshape(B, NH, S, DV)
+    h = torch.stack(hs, 2).reshape(B, NH, S, DV)
+    return (h, (C, n, m[..., None])) if return_last_states else h
 
 
 def mlstm_cell():
@@ -240,7 +255,10 @@ class HfLM(nn.Module):
         self.model = model
 
     def forward(self, ids, targets):
-        logits = self.model(input_ids=ids).logits
+        # use_cache=False: with the default cache, transformers' xLSTM feeds the cache's zero states in
+        # as c / n / m_initial and then overwrites them in place, which is the "modified by an inplace
+        # operation" autograd error of the 2026-11-26 and session-21 calls (a [16, 4, 96] n state).
+        logits = self.model(input_ids=ids, use_cache=False).logits
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -260,12 +278,60 @@ def hf_xlstm(d, layers):
     return HfLM(xLSTMForCausalLM(cfg))
 
 
+def hf_xlstm_large(d, layers, cell):
+    """PERFORMANCE.md's xlstm-125m: only the four fields its row names, the rest xLSTMConfig's defaults
+    (mode "train" so the backend runs its training kernel). cell: None (transformers' own), "native" or
+    "tfla" (replaces every layer's training cell function; see the top of this file)."""
+    import transformers
+    from transformers import xLSTMConfig, xLSTMForCausalLM
+    cfg = xLSTMConfig(hidden_size=d, num_blocks=layers, num_heads=4, vocab_size=50304, chunk_size=64, mode="train")
+    print(f"transformers {transformers.__version__}: xLSTMConfig qk_dim_factor {cfg.qk_dim_factor} v_dim_factor "
+          f"{cfg.v_dim_factor} ffn_proj_factor {cfg.ffn_proj_factor} round {cfg.ffn_round_up_to_multiple_of} "
+          f"gate_soft_cap {cfg.gate_soft_cap} output_logit_soft_cap {cfg.output_logit_soft_cap} tie "
+          f"{cfg.tie_word_embeddings} norm_eps {cfg.norm_eps} eps {cfg.eps} chunk {cfg.chunk_size} weight_mode "
+          f"{cfg.weight_mode} use_bias {cfg.use_bias} add_out_norm {cfg.add_out_norm} chunkwise_kernel "
+          f"{cfg.chunkwise_kernel} autocast_kernel_dtype {cfg.autocast_kernel_dtype}", flush=True)
+    model = xLSTMForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"xlstm-large-125m (transformers): sum(p.numel()) = {total:,} (ops/ preset: 162,303,840: "
+          f"{'EQUAL' if total == 162303840 else 'DIFFERENT'})", flush=True)
+    if cell is not None:
+        if cell == "native":
+            fn = lambda q, k, v, i, f, L: mlstm_native_chunkwise(q, k, v, i, f, L, return_last_states=True)
+        else:
+            from mlstm_kernels.torch import get_mlstm_kernel
+            kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+            fn = lambda q, k, v, i, f, L: kernel(q=q, k=k, v=v, i=i, f=f, chunk_size=L, eps=1e-6,
+                                                 return_last_states=True)
+        L = cfg.chunk_size
+
+        def train_fn(query, key, value, igate, fgate, c_initial=None, n_initial=None, m_initial=None,
+                     return_last_states=True, **kw):
+            assert c_initial is None, "training from a zero state only"
+            h, state = fn(query, key, value, igate, fgate, L)
+            return (h, state) if return_last_states else h
+
+        replaced = 0
+        for mod in model.modules():
+            if hasattr(mod, "_train_fn"):
+                mod._train_fn = train_fn
+                replaced += 1
+        print(f"replaced the training cell of {replaced} layers with {cell}", flush=True)
+        if replaced != layers:
+            raise RuntimeError(f"expected {layers} backends, found {replaced}")
+    return HfLM(model)
+
+
 # ---------------------------------------------------------------- timing
 
 def cell_flops_per_token(kind, d, layers, seq):
     if kind == "mamba2":
         H, P, N, Q = 2 * d // 64, 64, 128, 256
         return 3.0 * layers * H * (Q * (N + P) + 4 * N * P)
+    if kind == "xlstm-large":  # ops/flops.cc: NH (L (dk + dv) + 4 dk dv) forward, x3 training
+        NH, L = 4, 64
+        dk, dv = d / 2 / NH, d / NH
+        return 3.0 * layers * NH * (L * (dk + dv) + 4 * dk * dv)
     p = round64(2.0 * d)
     dk, L = p / 4, 64
     return 3.0 * layers * 4 * (L * 2 * dk + 4 * dk * dk)
@@ -273,10 +339,18 @@ def cell_flops_per_token(kind, d, layers, seq):
 
 def bench(name, variant, batch, seq, warmup, steps, peak):
     torch.manual_seed(0)
-    kind = "mamba2" if name.startswith("mamba2") else "xlstm"
-    d, layers = (MAMBA if kind == "mamba2" else XLSTM)[name]
+    kind = "mamba2" if name.startswith("mamba2") else "xlstm-large" if name in XLSTM_LARGE else "xlstm"
+    d, layers = {"mamba2": MAMBA, "xlstm": XLSTM, "xlstm-large": XLSTM_LARGE}[kind][name]
     label = ""
-    if variant == "hf":
+    if kind == "xlstm-large":
+        cells = {"hf": None, "hf-native": "native", "hf-tfla": "tfla"}
+        if variant not in cells:
+            raise ValueError(f"{name} has the variants {list(cells)}")
+        model = hf_xlstm_large(d, layers, cells[variant])
+        label = {"hf": "transformers, its own chunkwise--native_autograd",
+                 "hf-native": "transformers, cell = native PyTorch chunkwise (this file)",
+                 "hf-tfla": "transformers, cell = TFLA triton_xl_chunk"}[variant] + ", eager"
+    elif variant == "hf":
         if kind == "mamba2":
             model = hf_mamba2(d, layers)
         else:

@@ -173,6 +173,8 @@ class CudaBackend {
   // (XlstmLargeNormGateArgs); `backward` selects the backward of the same arguments.
   virtual void XlstmLargeGates(bool backward, const XlstmLargeGateArgs& a) = 0;
   virtual void XlstmLargeNormGate(bool backward, const XlstmLargeNormGateArgs& a) = 0;
+  // The per-head zero padding / cutting of q, k and dq, dk (XlstmLargeHeadWidthArgs).
+  virtual void XlstmLargeHeadWidth(const XlstmLargeHeadWidthArgs& a) = 0;
   // The mLSTM output norm's backward (a.mode kMlstmOutput) that also writes the cell's dots
   // [rows, groups] fp32 = Σ_group bf16(dh)·(h + h_lo) (ops/recurrent_cuda.h
   // MlstmOutNormBackwardWithDots; h_lo: MlstmSavedHLo, null = 0). Returns whether it did; where

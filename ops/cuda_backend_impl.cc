@@ -746,6 +746,12 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(backward ? cuda_ops::XlstmLargeNormGateBackward(a, stream_) : cuda_ops::XlstmLargeNormGateForward(a, stream_));
   }
 
+  void XlstmLargeHeadWidth(const XlstmLargeHeadWidthArgs& a) override {
+    Init();
+    OpProfiler::Scope scope(&prof_, a.dst_width > a.src_width ? "XlstmLarge q/k head pad" : "XlstmLarge dq/dk head cut");
+    OK_OR_DIE(cuda_ops::XlstmLargeHeadWidth(a, stream_));
+  }
+
   bool MlstmOutNormBackwardWithDots(const GroupNormArgs& a, const void* h_lo, float* dots) override {
     Init();
     if (!cuda_ops::MlstmOutNormDotsCovers(a, h_lo)) {
@@ -875,6 +881,7 @@ class Backend final : public CudaBackend {
     f.options.chunk_size = a.chunk;
     f.options.forget_gate = a.sigmoid_forget ? kc::MlstmForgetGate::kSigmoid : kc::MlstmForgetGate::kExponential;
     f.options.eps = a.eps;
+    f.options.qk_scale = a.qk_scale;
     // GYRE_MLSTM_PERSIST unset or both: chunk 128's fwd_out and bwd_dqk on persistent grids
     // (kernels/cuda/mlstm.h, MlstmPersist; helpers persist17 and persistdqk17, the default since
     // session 17's merges: the same bytes, the xlstm[1:0]-125m step -1.9 and -1.2 ms); fwd_out /

@@ -138,6 +138,7 @@ struct MlstmCellArgs {
   int64_t batch = 0, seq = 0, heads = 0, dk = 0, dv = 0, chunk = 64;
   bool sigmoid_forget = true;
   double eps = 1e-6;
+  double qk_scale = 0;  // 0 = 1/sqrt(dk); see kernels/cuda/mlstm.h MlstmOptions::qk_scale
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -217,14 +218,28 @@ struct XlstmLargeGateArgs {
   float* dbi = nullptr;
   float* dbf = nullptr;
   bool overwrite_db = false;
+  // Backward scratch: XlstmLargeGatePartialFloats(rows, heads) fp32. One block per 256 rows writes
+  // dpre and its per-column partial sums, then one block per column adds the partials in tile
+  // order (fixed order: the same bits every run). It replaced one block per gate column walking
+  // all rows (2·heads blocks, latency-bound: 1.46 -> 0.14 ms a step at the 125m, ops/XLSTM_LARGE.md
+  // session 21).
+  float* partial = nullptr;
+  // dpre's row stride in elements; 0 = 2·heads (packed). The folded backward (the block's default,
+  // GYRE_XLSTM_LARGE_FOLD_GATES) writes dpre as the last 2·heads columns of [d_o | dpre].
+  int64_t ldpre = 0;
 };
+constexpr int64_t kXlstmLargeGateTileRows = 256;
+inline int64_t XlstmLargeGatePartialFloats(int64_t rows, int64_t heads) {
+  return (rows + kXlstmLargeGateTileRows - 1) / kXlstmLargeGateTileRows * 2 * heads;
+}
 
 // The per-head LayerNorm (weight only) and the output gate in one pass each way (session 20,
 // helper xlperf20, ops/XLSTM_LARGE.md; it replaced the GroupNorm kernel + an elementwise gate):
 //   forward:  y = (LN_head(h) · weight) ⊙ σ(o), mean / rstd [rows, heads] fp32 kept;
 //   backward: with n = xhat · weight, dn = dy ⊙ σ(o):  dh = LayerNorm backward of dn,
 //             d_o = dy ⊙ n ⊙ σ(o)(1 − σ(o)), dweight (+)= Σ_rows dn ⊙ xhat (fixed order: per
-//             tile_rows-row tile partial sums in `partial`, then summed over tiles in order).
+//             tile_rows-row tile partial sums in `partial`, then summed over tiles in order by
+//             one block per 32 columns, warp w adding tiles w, w + 8, ..., then the 8 warp sums).
 // h, o, y, dy, dh, d_o [rows, dim] bf16; dim = heads · dv with dv a multiple of 8, at most 1024.
 struct XlstmLargeNormGateArgs {
   int64_t rows = 0, dim = 0, heads = 0;
@@ -244,9 +259,21 @@ struct XlstmLargeNormGateArgs {
   // Backward rows per block (a multiple of 8, the block's warps); the block uses 64 (32 and 16
   // measured slower, ops/XLSTM_LARGE.md session 20).
   int32_t tile_rows = 64;
+  int64_t ld_do = 0;  // d_o's row stride in elements (a multiple of 8, >= dim); 0 = dim
 };
 inline int64_t XlstmLargeNormGatePartialFloats(int64_t rows, int64_t dim, int64_t tile_rows) {
   return (rows + tile_rows - 1) / tile_rows * dim;
 }
+
+// Per-head width change of a [rows, heads, width] bf16 tensor (the xLSTM Large block at a dk the
+// cell does not take, e.g. 96: q, k padded to 128 for the cell, dq, dk cut back; ops/XLSTM_LARGE.md):
+//   dst[r, h, j] = j < src_width ? src[r, h, j] : 0   for j < dst_width.
+// Padding (dst_width > src_width) writes the zero columns; cutting (dst_width < src_width) drops
+// src's columns past dst_width. Widths multiples of 8 (16-byte vectors), pointers 16-byte aligned.
+struct XlstmLargeHeadWidthArgs {
+  int64_t rows = 0, heads = 0, src_width = 0, dst_width = 0;
+  const void* src = nullptr;
+  void* dst = nullptr;
+};
 
 }  // namespace gyre::ops

@@ -521,6 +521,19 @@ ModelSpec SmallXlstmLarge() {
   return s;
 }
 
+// The xlstm-large-125m preset's block shape: d 768, 4 heads, dk 96 (the training forward pads q / k
+// to 128 for the chunkwise cell; the step kernel takes 96 as it is), dv 192, FFN 2048 (the preset's); 2 blocks.
+ModelSpec SmallXlstmLargeDk96() {
+  ModelSpec s = SmallXlstmLarge();
+  s.preset = "xlstm-large-decode-gpu-test-dk96";
+  s.d_model = 768;
+  s.xl_qk_dim = 384;  // dk 96
+  s.xl_v_dim = 768;   // dv 192
+  s.ffn_dim = 2048;   // transformers' round-up of 2.667 * 768 = 2048.256 (ops/model_config.cc)
+  s.blocks.assign(2, BlockType::kXlstmLarge);
+  return s;
+}
+
 // After Randomise: gate weights N(0, 0.03) (the model's init has 0: every token's gates equal),
 // input-gate biases N(0, 1), forget-gate biases 4 + N(0, 1) (varying, well-conditioned gates, as
 // xlstm_large_gpu_test), and the LM head N(0, 1.25²): logits up to ~±35 before the cap (the CPU's
@@ -556,6 +569,9 @@ void XlstmLargeTweak(ParamStore& gpu) {
 // at this shape is 1.6-2.9e-2 from float64, its Llama 2.6-5.1e-3.
 TEST_F(DecodeGpuTest, XlstmLargeDecodeStepsMatchTheCpu) {
   CheckDecode("xlstm-large", SmallXlstmLarge(), 0, 0, XlstmLargeTweak, 5e-2);
+}
+TEST_F(DecodeGpuTest, XlstmLargeDk96DecodeStepsMatchTheCpu) {
+  CheckDecode("xlstm-large dk96", SmallXlstmLargeDk96(), 0, 0, XlstmLargeTweak, 5e-2);
 }
 
 TEST_F(DecodeGpuTest, Mamba2DecodeStepsMatchTheCpu) {
@@ -667,6 +683,9 @@ TEST_F(DecodeGpuTest, XlstmLargeDecodeChunkAndRewindMatchTheCpu) {
 TEST_F(DecodeGpuTest, XlstmLargeBatch1DecodeChunkAndRewindMatchTheCpu) {
   CheckDecodeChunk("xlstm-large", SmallXlstmLarge(), 1, 0, 0, XlstmLargeTweak, 5e-2);
 }
+TEST_F(DecodeGpuTest, XlstmLargeDk96DecodeChunkAndRewindMatchTheCpu) {
+  CheckDecodeChunk("xlstm-large dk96", SmallXlstmLargeDk96(), 3, 0, 0, XlstmLargeTweak, 5e-2);
+}
 TEST_F(DecodeGpuTest, Mamba2DecodeChunkAndRewindMatchTheCpu) {
   ModelSpec s = SmallMixerHybrid();
   s.blocks = {BlockType::kMamba2, BlockType::kMamba2, BlockType::kMamba2};
@@ -683,8 +702,7 @@ TEST_F(DecodeGpuTest, MixerHybridDecodeChunkAndRewindMatchTheCpu) { CheckDecodeC
 // against DecodeChunk over the same prompt in uneven chunks (3, 7, 1, 5, 16, 12, 40, 16: every
 // chunk size class: one token, the GemmRows rows <= 16, cuBLASLt past 16 rows at B 2), both
 // against the CPU's float64 full forward; logits capped (the tweak puts most rows past the cap).
-TEST_F(DecodeGpuTest, XlstmLargeDecodeChunkEqualsTheFullForward) {
-  ModelSpec spec = SmallXlstmLarge();
+void CheckXlstmLargeChunksEqualTheFullForward(const std::string& label, ModelSpec spec) {
   spec.mtp_heads = 2;
   Pair m = MakePair(spec, 8, 1.0, XlstmLargeTweak);
   ASSERT_TRUE(m.gpu && m.cpu);
@@ -716,11 +734,19 @@ TEST_F(DecodeGpuTest, XlstmLargeDecodeChunkEqualsTheFullForward) {
   bool finite = true;
   for (int64_t e = 0; e < chunked.numel(); ++e) finite = finite && std::isfinite(chunked.At(e));
   const bool ok = finite && chunk_full <= 3e-2 && full_ref <= 3e-2 && chunk_ref <= 3e-2 && max_abs <= 30.0 && past > 0;
-  std::printf("[%s] xlstm-large B2 T100 DecodeChunk (3,7,1,5,16,12,40,16) vs full CUDA forward rel_err %.3e, full "
+  std::printf("[%s] %s B2 T100 DecodeChunk (3,7,1,5,16,12,40,16) vs full CUDA forward rel_err %.3e, full "
               "CUDA vs CPU f64 %.3e, chunks vs CPU f64 %.3e tol 3e-2; CPU capped logits max |l| %.3f (<= 30), %ld of "
               "%ld past 24 (uncapped past 33)\n",
-              ok ? "PASS" : "FAIL", chunk_full, full_ref, chunk_ref, max_abs, (long)past, (long)full_cpu.numel());
+              ok ? "PASS" : "FAIL", label.c_str(), chunk_full, full_ref, chunk_ref, max_abs, (long)past,
+              (long)full_cpu.numel());
   EXPECT_TRUE(ok);
+}
+TEST_F(DecodeGpuTest, XlstmLargeDecodeChunkEqualsTheFullForward) {
+  CheckXlstmLargeChunksEqualTheFullForward("xlstm-large", SmallXlstmLarge());
+}
+// dk 96: the padded chunkwise cell of the full forward against the step kernel at dk 96.
+TEST_F(DecodeGpuTest, XlstmLargeDk96DecodeChunkEqualsTheFullForward) {
+  CheckXlstmLargeChunksEqualTheFullForward("xlstm-large dk96", SmallXlstmLargeDk96());
 }
 
 // Rewind after a rejected draft restores the state exactly: after a prefix of 5 and a

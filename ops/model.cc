@@ -65,15 +65,22 @@ absl::Status CheckCudaSupport(const ModelSpec& spec) {
   }
   if (xlstm_large) {
     // The chunkwise cell (kernels/cuda/mlstm.h), the gates' [rows, 2·NH] bf16 gradient as a GEMM
-    // operand (rows of 16 bytes), the gate weights' adjacency in the flat store (NH·d % 8).
+    // operand (rows of 16 bytes), the gate weights' adjacency in the flat store (NH·d % 8). A dk
+    // that is not a multiple of 64 runs the cell at dk rounded up to 64, q / k zero-padded per head
+    // by the block (XlstmLargeBlock, ops/XLSTM_LARGE.md "dk 96"); the pad kernel moves 16-byte
+    // vectors, so such a dk must be a multiple of 8.
     const int64_t dk = spec.xl_qk_dim / spec.xl_heads, dv = spec.xl_v_dim / spec.xl_heads;
-    if (dk % 64 != 0 || dv % 64 != 0)
-      return unsupported(absl::StrCat("xLSTM Large head dims dk ", dk, ", dv ", dv, " (CUDA: multiples of 64)"));
+    const int64_t dk_cell = (dk + 63) / 64 * 64;
+    if (dk % 8 != 0 || dv % 64 != 0)
+      return unsupported(absl::StrCat("xLSTM Large head dims dk ", dk, ", dv ", dv,
+                                      " (CUDA: dk a multiple of 8, padded to a multiple of 64 for the cell; dv a "
+                                      "multiple of 64)"));
     if (spec.mlstm_chunk != 16 && spec.mlstm_chunk != 32 && spec.mlstm_chunk != 64 && spec.mlstm_chunk != 128 &&
         spec.mlstm_chunk != 256)
       return unsupported(absl::StrCat("xLSTM Large chunk ", spec.mlstm_chunk, " (CUDA: 16, 32, 64, 128 or 256)"));
-    if (spec.mlstm_chunk == 256 && (dk % 128 != 0 || dv % 128 != 0))
-      return unsupported(absl::StrCat("xLSTM Large chunk 256 with dk ", dk, ", dv ", dv, " (CUDA: multiples of 128)"));
+    if (spec.mlstm_chunk == 256 && (dk_cell % 128 != 0 || dv % 128 != 0))
+      return unsupported(absl::StrCat("xLSTM Large chunk 256 with dk ", dk, " (cell dk ", dk_cell, "), dv ", dv,
+                                      " (CUDA: multiples of 128)"));
     if (spec.xl_heads % 4 != 0)
       return unsupported(absl::StrCat("xLSTM Large with ", spec.xl_heads, " heads (CUDA: a multiple of 4)"));
   }

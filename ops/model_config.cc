@@ -16,6 +16,15 @@ using gyre::v1::ModelConfig;
 
 int64_t RoundUp64(double x) { return 64 * static_cast<int64_t>(std::ceil(x / 64.0 - 1e-9)); }
 
+// The xLSTM Large FFN width as transformers (and NX-AI xlstm_large) compute it:
+// round_up_to_next_multiple_of(d · f, 64) = int(((d·f + 63) // 64) · 64) on a float, which is a
+// ceiling only for whole d·f: at d 768, f 2.667 it gives 2048 (d·f = 2048.256; RoundUp64 gives
+// 2112). The 7B (10944), xlstm-large-bench (5504) and the tiny preset (192) get the same either way;
+// the 125m's count 162,303,840 = transformers' sum(p.numel()) (device call, session 21).
+int64_t XlstmLargeFfnWidth(double factor, int64_t d) {
+  return 64 * static_cast<int64_t>(std::floor((factor * static_cast<double>(d) + 63.0) / 64.0));
+}
+
 struct Preset {
   std::string source;
   std::function<void(ModelSpec*)> fill;
@@ -85,7 +94,7 @@ void Mamba2(ModelSpec* s, int64_t d, int64_t layers, int64_t state, int64_t head
   s->ffn_dim = RoundUp64(8.0 * d / 3.0);
 }
 
-// xLSTM Large (MODELS.md §1.5): all blocks kXlstmLarge; q, k d/2, v d; SwiGLU 64·ceil(2.667d/64);
+// xLSTM Large (MODELS.md §1.5): all blocks kXlstmLarge; q, k d/2, v d; SwiGLU XlstmLargeFfnWidth(2.667, d);
 // RMSNorms eps 1e-6; gate cap 15, logit cap 30; untied head.
 void XlstmLarge(ModelSpec* s, int64_t d, int64_t layers, int64_t heads, int64_t vocab) {
   s->family = Family::kXlstmLarge;
@@ -95,7 +104,7 @@ void XlstmLarge(ModelSpec* s, int64_t d, int64_t layers, int64_t heads, int64_t 
   s->xl_qk_dim = d / 2;
   s->xl_v_dim = d;
   s->xl_ffn_factor = 2.667;
-  s->ffn_dim = RoundUp64(s->xl_ffn_factor * d);
+  s->ffn_dim = XlstmLargeFfnWidth(s->xl_ffn_factor, d);
   s->gate_soft_cap = 15.0;
   s->logit_soft_cap = 30.0;
   s->norm_eps = 1e-6;
@@ -124,6 +133,14 @@ const std::map<std::string, Preset>& Presets() {
       // parameters, the xLSTM 1.3B class), for recurrent_step_bench and the GPU tests.
       {"xlstm-large-bench", {"benchmark shape (7B head dims at d 2048, 24 blocks; not a published model)",
                              [](ModelSpec* s) { XlstmLarge(s, 2048, 24, 4, 50304); }}},
+      // PERFORMANCE.md's "xlstm-125m (12 blocks, mLSTM only)" row (transformers xLSTM, 73,568 tok/s at
+      // B16): xLSTMConfig(hidden_size=768, num_blocks=12, num_heads=4, vocab_size=50304, chunk_size=64),
+      // every other field at xLSTMConfig's defaults (qk 0.5, v 1.0, FFN 2.667 -> 2048 by transformers'
+      // rounding, caps 15 / 30, eps 1e-6, untied): dk 96, dv 192, 162,303,840 parameters, equal to
+      // transformers' sum(p.numel()) of that model (ops/XLSTM_LARGE.md).
+      {"xlstm-large-125m", {"PERFORMANCE.md xlstm-125m row: transformers xLSTMConfig(hidden_size=768, num_blocks=12, "
+                            "num_heads=4, vocab_size=50304, chunk_size=64), other fields default",
+                            [](ModelSpec* s) { XlstmLarge(s, 768, 12, 4, 50304); }}},
       // Mamba-2: HF Hub config.json of state-spaces/mamba2-* (MODELS.md §4.3 table); vocab 50288.
       {"mamba2-130m", {"state-spaces/mamba2-130m config.json", [](ModelSpec* s) { Mamba2(s, 768, 24, 128, 64, 256, 50288); }}},
       {"mamba2-370m", {"state-spaces/mamba2-370m config.json", [](ModelSpec* s) { Mamba2(s, 1024, 48, 128, 64, 256, 50288); }}},
@@ -257,7 +274,7 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
       s.slstm_ffn = RoundUp64(1.3 * s.d_model);
     }
     if (s.family == Family::kXlstmLarge) {
-      s.ffn_dim = RoundUp64(s.xl_ffn_factor * s.d_model);
+      s.ffn_dim = XlstmLargeFfnWidth(s.xl_ffn_factor, s.d_model);
       s.xl_qk_dim = s.d_model / 2;
       s.xl_v_dim = s.d_model;
     } else if (s.family != Family::kXlstm) {
@@ -357,7 +374,7 @@ absl::StatusOr<ModelSpec> ResolveModelConfig(const ModelConfig& c) {
   if (xl.ffn_proj_factor() != 0) {
     if (!(xl.ffn_proj_factor() > 0)) return Invalid("xlstm_large.ffn_proj_factor", absl::StrCat(xl.ffn_proj_factor(), " must be positive"));
     s.xl_ffn_factor = xl.ffn_proj_factor();
-    s.ffn_dim = RoundUp64(s.xl_ffn_factor * s.d_model);
+    s.ffn_dim = XlstmLargeFfnWidth(s.xl_ffn_factor, s.d_model);
   }
   if (xl.gate_soft_cap() != 0) {
     if (!(xl.gate_soft_cap() > 0)) return Invalid("xlstm_large.gate_soft_cap", absl::StrCat(xl.gate_soft_cap(), " must be positive (0 = the preset's)"));

@@ -458,6 +458,10 @@ TEST(ParameterCountTest, PresetsMatchPublishedCounts) {
       // xLSTM Large (MODELS.md §8: 201,666,576 per block, 32 blocks, untied 2Vd, final RMSNorm d).
       {"xlstm-7b", 6865424896},
       {"xlstm-large-bench", 1420839104},  // the same formula at d 2048, 24 blocks, NH 4, f 5504
+      // PERFORMANCE.md's transformers xlstm-125m: per block 4·768² + 2(768·4 + 4) + 3·768 + 3·768·2048
+      // = 7,086,344 (FFN 2048: transformers' round-up of 2048.256); 12 blocks + 2·50304·768 + 768
+      // (ops/XLSTM_LARGE.md); = transformers' sum(p.numel()) of the model (device, session 21).
+      {"xlstm-large-125m", 162303840},
   };
   for (const auto& [preset, count] : expected) {
     auto spec = PresetSpec(preset);

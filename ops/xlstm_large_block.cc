@@ -8,6 +8,7 @@
 #include "ops/block_cuda_util.h"
 #include "ops/cuda_backend.h"
 #include "ops/elementwise.h"
+#include "ops/env_switch.h"
 #include "ops/parallel.h"
 #include "ops/rng.h"
 
@@ -324,11 +325,38 @@ XlstmLargeNormGateArgs XlstmLargeBlock::NormGateArgs() {
   return n;
 }
 
+namespace {
+
+// The cell's head width: dk rounded up to 64 (kernels/cuda/mlstm.h takes multiples of 64). Where
+// it differs from dk (the 125m's 96), q and k are zero-padded per head and the cell scales q·kᵀ by
+// 1/sqrt(dk), not 1/sqrt(dk_cell): the zero columns add nothing to q·kᵀ, to C = Σ k vᵀ or to n, so
+// h is the unpadded cell's; the padded columns' dq, dk are dropped (ops/XLSTM_LARGE.md, "dk 96").
+int64_t CellDk(int64_t dk) { return (dk + 63) / 64 * 64; }
+
+// [rows, heads·from] -> [rows, heads·to] bf16, per head: the first min(from, to) columns copied,
+// the rest zero (XlstmLargeHeadWidthArgs).
+Tensor HeadWidth(const Tensor& t, int64_t heads, int64_t from, int64_t to) {
+  Tensor out = CudaEmpty({t.rows(), heads * to});
+  XlstmLargeHeadWidthArgs a;
+  a.rows = t.rows(); a.heads = heads; a.src_width = from; a.dst_width = to;
+  a.src = t.raw(); a.dst = out.raw();
+  Cuda().XlstmLargeHeadWidth(a);
+  return out;
+}
+
+}  // namespace
+
 Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
-  const int64_t rows = batch * seq, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  const int64_t rows = batch * seq, dk = qk_dim_ / heads_, dv = v_dim_ / heads_, dk_cell = CellDk(dk);
+  GYRE_CHECK(dk % 8 == 0, "xLSTM Large on CUDA: dk %ld is not a multiple of 8 (the q / k head padding moves 16-byte "
+             "vectors)", (long)dk);
   u_ = norm_mlstm_.Forward(x);
   q_out_ = q_.Forward(u_);
   k_out_ = k_.Forward(u_);
+  if (dk_cell != dk) {  // the cell's inputs, kept for the backward in the padded layout
+    q_out_ = HeadWidth(q_out_, heads_, dk, dk_cell);
+    k_out_ = HeadWidth(k_out_, heads_, dk, dk_cell);
+  }
   v_out_ = v_.Forward(u_);
   o_pre_ = ogate_.Forward(u_);
   // Both gates in one fp32 GEMM, then bias + cap (pre_ keeps the raw pre-activations).
@@ -344,9 +372,10 @@ Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq)
   g.ig = ig_.data<float>(); g.fg = fg_.data<float>();
   Cuda().XlstmLargeGates(false, g);
   MlstmCellArgs c;
-  c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk; c.dv = dv; c.chunk = chunk_;
+  c.batch = batch; c.seq = seq; c.heads = heads_; c.dk = dk_cell; c.dv = dv; c.chunk = chunk_;
   c.sigmoid_forget = true;
   c.eps = 1e-6;
+  if (dk_cell != dk) c.qk_scale = 1.0 / std::sqrt(static_cast<double>(dk));
   saved_ = CudaBytes(Cuda().MlstmSavedBytes(c));
   h_ = CudaEmpty({rows, v_dim_});
   c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
@@ -368,12 +397,21 @@ Tensor XlstmLargeBlock::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq)
 }
 
 Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
-  const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_;
+  const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_, dk_cell = CellDk(dk);
   Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
   Tensor dgated = out_proj_.Backward(dx1);
+  // The gates folded into the o map (default since session 21; GYRE_XLSTM_LARGE_FOLD_GATES=off, read
+  // at every backward so recurrent_step_bench --variants can alternate it, keeps the two skinny gate
+  // GEMMs): d_o and the gates' dpre side by side in one [rows, v_dim + 2·NH] buffer, so the o map's
+  // two backward GEMMs carry the gate rows ([W_o; W_i; W_f] one span). Measured at the 125m: −0.93
+  // ms a step by the kernel rows, 3 of 3 rounds (ops/XLSTM_LARGE.md); at d 2048 (xlperf20's
+  // fused_gates, session 20) it timed +0.05 ms, 1 of 3, while its kernel rows said −0.6 ms: the
+  // switch stays until the lead's call measures xlstm-large-bench with this code.
+  const bool fold_gates = EnvChoice("GYRE_XLSTM_LARGE_FOLD_GATES", {"", "off", "on"}, "on") != "off";
+  const int64_t ld_do = fold_gates ? v_dim_ + 2 * heads_ : v_dim_;
   // The norm + out gate backward: dh, d(o pre-activation), d(norm weight) in one kernel (+ the
   // fixed-order column pass of dweight's tile sums).
-  Tensor dopre = CudaEmpty({rows, v_dim_}), dh = CudaEmpty({rows, v_dim_});
+  Tensor dopre = CudaEmpty({rows, ld_do}), dh = CudaEmpty({rows, v_dim_});
   {
     Parameter* w = multihead_norm_.weight();
     // 64-row tiles (XlstmLargeNormGateArgs::tile_rows' default): 32 and 16 measured slower (session
@@ -381,19 +419,21 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
     Tensor partial = CudaEmpty({XlstmLargeNormGatePartialFloats(rows, v_dim_, 64)}, DType::kF32);
     XlstmLargeNormGateArgs n = NormGateArgs();
     n.tile_rows = 64;
-    n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw();
+    n.dy = dgated.raw(); n.dh = dh.raw(); n.d_o = dopre.raw(); n.ld_do = ld_do;
     n.dweight = w->grad.data<float>();
     n.partial = partial.data<float>();
     n.overwrite_dweight = rows > 0 && FirstGradWrite(w);
     if (rows == 0) ZeroGradIfStale(w);
     Cuda().XlstmLargeNormGate(true, n);
   }
-  Tensor dq = CudaEmpty({rows, qk_dim_}), dk_t = CudaEmpty({rows, qk_dim_}), dv_t = CudaEmpty({rows, v_dim_});
+  Tensor dq = CudaEmpty({rows, heads_ * dk_cell}), dk_t = CudaEmpty({rows, heads_ * dk_cell});
+  Tensor dv_t = CudaEmpty({rows, v_dim_});
   Tensor dig = CudaEmpty({rows, heads_}, DType::kF32), dfg = CudaEmpty({rows, heads_}, DType::kF32);
   MlstmCellArgs c;
-  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk; c.dv = dv; c.chunk = chunk_;
+  c.batch = batch_; c.seq = seq_; c.heads = heads_; c.dk = dk_cell; c.dv = dv; c.chunk = chunk_;
   c.sigmoid_forget = true;
   c.eps = 1e-6;
+  if (dk_cell != dk) c.qk_scale = 1.0 / std::sqrt(static_cast<double>(dk));
   c.q = q_out_.raw(); c.k = k_out_.raw(); c.v = v_out_.raw();
   c.ig = ig_.data<float>(); c.fg = fg_.data<float>();
   c.h = h_.raw(); c.saved = saved_.raw();
@@ -401,14 +441,22 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   c.dq = dq.raw(); c.dk_out = dk_t.raw(); c.dv_out = dv_t.raw();
   c.dig = dig.data<float>(); c.dfg = dfg.data<float>();
   Cuda().Mlstm(true, c);
+  if (dk_cell != dk) {  // the padded columns' gradients dropped
+    dq = HeadWidth(dq, heads_, dk_cell, dk);
+    dk_t = HeadWidth(dk_t, heads_, dk_cell, dk);
+  }
   // The gates: the cap's slope -> dpre (bf16), the bias gradients (overwritten on the step's first
   // write, the kernel sets every element); then du += dpre·[W_i; W_f], d[W_i; W_f] (+)= dpreᵀ u.
-  Tensor dpre = CudaEmpty({rows, 2 * heads_});
+  Tensor dpre = fold_gates ? Tensor() : CudaEmpty({rows, 2 * heads_});
   XlstmLargeGateArgs g;
   g.rows = rows; g.heads = heads_; g.cap = static_cast<float>(gate_cap_);
   g.pre = pre_.data<float>(); g.dig = dig.data<float>(); g.dfg = dfg.data<float>();
-  g.dpre = dpre.raw(); g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
+  g.dpre = fold_gates ? static_cast<void*>(static_cast<char*>(dopre.raw()) + v_dim_ * 2) : dpre.raw();
+  g.ldpre = fold_gates ? ld_do : 0;
+  g.dbi = bi_->grad.data<float>(); g.dbf = bf_->grad.data<float>();
   g.overwrite_db = FirstGradWrite({bi_, bf_});
+  Tensor gate_partial = CudaEmpty({std::max<int64_t>(1, XlstmLargeGatePartialFloats(rows, heads_))}, DType::kF32);
+  g.partial = gate_partial.data<float>();
   Cuda().XlstmLargeGates(true, g);
   // du = Σ over q, k, v, o of dy_l · W_l (+ the gates below): the first product written, the
   // others accumulated in their GEMMs' stores (beta 1), no separate additions. Measured against
@@ -418,21 +466,39 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const std::pair<Linear*, const Tensor*> maps[] = {{&q_, &dq}, {&k_, &dk_t}, {&v_, &dv_t}, {&ogate_, &dopre}};
   bool first = true;
   for (const auto& [map, dy_map] : maps) {
-    const int64_t n = map->out();
     Parameter* w = map->weight();
+    if (fold_gates && map == &ogate_) {
+      // du += [d_o | dpre]·[W_o; W_i; W_f], d[W_o; W_i; W_f] (+)= [d_o | dpre]ᵀ u: K and M of
+      // v_dim + 2·NH, the gate rows riding along.
+      Tensor w_ogates, dw_ogates;
+      GYRE_CHECK(store_->AdjacentSpan({w, wi_, wf_}, &w_ogates, &dw_ogates),
+                 "xLSTM Large: the out-gate and gate weights are not adjacent in the flat CUDA store "
+                 "(GYRE_XLSTM_LARGE_FOLD_GATES=on needs them as one matrix)");
+      Mm(false, false, rows, d_, ld_do, dopre.raw(), ld_do, w_ogates.raw(), d_, du.raw(), d_, false,
+         first ? 0.f : 1.f);
+      first = false;
+      const bool overwrite = rows > 0 ? FirstGradWrite({w, wi_, wf_}) : false;
+      if (rows == 0) { ZeroGradIfStale(w); ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
+      Mm(true, false, ld_do, d_, rows, dopre.raw(), ld_do, u_.raw(), d_, dw_ogates.raw(), d_, true,
+         overwrite ? 0.f : 1.f);
+      continue;
+    }
+    const int64_t n = map->out();
     Mm(false, false, rows, d_, n, dy_map->raw(), n, w->compute.raw(), d_, du.raw(), d_, false, first ? 0.f : 1.f);
     first = false;
     const bool overwrite = rows > 0 ? FirstGradWrite(w) : false;
     if (rows == 0) ZeroGradIfStale(w);
     Mm(true, false, n, d_, rows, dy_map->raw(), n, u_.raw(), d_, w->grad.raw(), d_, true, overwrite ? 0.f : 1.f);
   }
-  Tensor w_if, dw_if;
-  GateSpan(&w_if, &dw_if);
-  Mm(false, false, rows, d_, 2 * heads_, dpre.raw(), 2 * heads_, w_if.raw(), d_, du.raw(), d_, false, 1.f);
-  const bool overwrite_dw = rows > 0 ? FirstGradWrite({wi_, wf_}) : false;
-  if (rows == 0) { ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
-  Mm(true, false, 2 * heads_, d_, rows, dpre.raw(), 2 * heads_, u_.raw(), d_, dw_if.raw(), d_, true,
-     overwrite_dw ? 0.f : 1.f);
+  if (!fold_gates) {
+    Tensor w_if, dw_if;
+    GateSpan(&w_if, &dw_if);
+    Mm(false, false, rows, d_, 2 * heads_, dpre.raw(), 2 * heads_, w_if.raw(), d_, du.raw(), d_, false, 1.f);
+    const bool overwrite_dw = rows > 0 ? FirstGradWrite({wi_, wf_}) : false;
+    if (rows == 0) { ZeroGradIfStale(wi_); ZeroGradIfStale(wf_); }
+    Mm(true, false, 2 * heads_, d_, rows, dpre.raw(), 2 * heads_, u_.raw(), d_, dw_if.raw(), d_, true,
+       overwrite_dw ? 0.f : 1.f);
+  }
   Tensor dx = norm_mlstm_.BackwardAdd(du, dx1);
   ReleaseActivations();
   return dx;

@@ -31,8 +31,10 @@
 // q/k/v/o (their backward's dx products accumulating into one du, beta 1), out_proj (residual add
 // in its GEMM's store) and the SwiGLU MLP as LlamaBlock runs them; both gates as ONE [rows, 2·NH] fp32 GEMM over the input and forget weights (created back
 // to back, so adjacent in the flat store) plus a kernel for bias + soft cap (backward: the cap's
-// slope, bf16 dpre for the dx / dW GEMMs, the bias gradient in a fixed order); the chunkwise
-// mLSTM cell with dk != dv; the per-head LayerNorm and σ(o) as one kernel each way
+// slope, bf16 dpre for the dx / dW GEMMs, the bias gradient in a fixed order; since session 21 dpre
+// sits beside d_o and rides in the o map's backward GEMMs, [W_o; W_i; W_f] one span); the chunkwise
+// mLSTM cell with dk != dv (a dk that is not a multiple of 64, the 125m's 96, runs the cell at dk
+// rounded up to 64 with q / k zero-padded per head and 1/sqrt(dk) passed as the scale); the per-head LayerNorm and σ(o) as one kernel each way
 // (LN(h)·w ⊙ σ(o), ops/xlstm_large_cuda.h xl_norm_gate_*). CUDA decoding (StepChunk,
 // ops/xlstm_large_step_cuda.cc): the same layers at the chunk's rows with the mLSTM step kernel
 // (one launch for all k positions, per-position state history for Rewind), as the v1 MlstmBlock

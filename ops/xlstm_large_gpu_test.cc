@@ -4,6 +4,10 @@
 // parameter gradients 5e-2, loss 2e-3), the recurrent tests' values.
 //   block: d 512, 4 heads (dk 64 != dv 128), T 100 over chunk 64 (a partial chunk), gates from
 //          random biases and weights of std 0.03 (pre-activations varying ~±0.7 over tokens);
+//          also the xlstm-large-125m block shape (d 768, dk 96 padded to 128 for the cell, dv 192,
+//          FFN 2048) at B2 x 333, chunks 64 and 128, and a 2-block model of that shape;
+//   head width: the q / k padding kernel (96 -> 128 zero columns) and its cut back, bitwise;
+//   gates not folded (GYRE_XLSTM_LARGE_FOLD_GATES=off, the non-default path): block, model, deferred zero;
 //   gates: the cap kernels alone on pre-activations up to ±60 (past the cap of 15) vs float64;
 //   norm + out gate: the per-head LayerNorm with σ(o) (one kernel each way) and its backward,
 //          dweight accumulated / overwritten and bitwise repeatable, vs float64;
@@ -24,6 +28,7 @@
 // with the sign of near-zero q·k (a forget gate of σ(−15)).
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -59,6 +64,18 @@ ModelSpec SmallXlstmLarge() {
   s.ffn_dim = 1408;   // 64 * ceil(2.667 * 512 / 64)
   s.mlstm_chunk = 64;
   s.blocks.assign(3, BlockType::kXlstmLarge);
+  s.vocab_size = 512;
+  return s;
+}
+
+// The block shape of the xlstm-large-125m preset (PERFORMANCE.md's transformers xlstm-125m): d 768,
+// 4 heads, dk 96 (the cell runs at 128, q / k zero-padded per head) != dv 192, FFN 2048; two
+// blocks and a small vocabulary for the model check.
+ModelSpec Xlstm125mBlocks(int64_t chunk) {
+  ModelSpec s = *PresetSpec("xlstm-large-125m");
+  s.preset = "xlstm-large-125m-gpu-test-chunk" + std::to_string(chunk);
+  s.mlstm_chunk = chunk;
+  s.blocks.assign(2, BlockType::kXlstmLarge);
   s.vocab_size = 512;
   return s;
 }
@@ -106,8 +123,7 @@ void RandomizeGatesAndNorms(ParamStore& store, Rng* rng) {
 }
 
 // One block on a CUDA store and on a float64 CPU store holding the same bf16-rounded weights.
-void CheckBlock(const std::string& label) {
-  const ModelSpec spec = SmallXlstmLarge();
+void CheckBlock(const std::string& label, const ModelSpec& spec, int64_t B, int64_t T) {
   ParamStore gpu_store(DType::kF32, Device::kCpu), cpu_store(DType::kF64, Device::kCpu);
   Rng r1(7), r2(7);
   XlstmLargeBlock gpu({&gpu_store, &r1, "l"}, spec, 3);
@@ -116,7 +132,7 @@ void CheckBlock(const std::string& label) {
   Rng rng(21);
   RandomizeGatesAndNorms(gpu_store, &rng);
   ASSERT_TRUE(cpu_store.LoadState(AsF64State(gpu_store)).ok());
-  const int64_t B = 2, T = 100, d = spec.d_model;
+  const int64_t d = spec.d_model;
   const Tensor x = RandomBf16Host({B, T, d}, 1.0, &rng), dy = RandomBf16Host({B, T, d}, 1.0, &rng);
   SetXlstmLargeGateTermRecording(true);
   const Tensor y_ref = cpu.Forward(x, B, T);
@@ -130,7 +146,14 @@ void CheckBlock(const std::string& label) {
   EXPECT_TRUE(CheckGradsWithTerms(gpu_store, cpu_store, label, 5e-2, terms));
 }
 
-TEST_F(XlstmLargeGpuTest, Block) { CheckBlock("xlstm_large"); }
+TEST_F(XlstmLargeGpuTest, Block) { CheckBlock("xlstm_large", SmallXlstmLarge(), 2, 100); }
+
+// dk 96: the padded cell (ops/XLSTM_LARGE.md "dk 96"), B2 x 333 tokens (a partial last chunk), at
+// transformers' chunk 64 and at 128.
+TEST_F(XlstmLargeGpuTest, Block125mShapeDk96) {
+  for (const int64_t chunk : {64, 128}) CheckBlock("xlstm_large 125m dk96 chunk" + std::to_string(chunk),
+                                                   Xlstm125mBlocks(chunk), 2, 333);
+}
 
 // The gate kernels alone at pre-activations from −60 to 60 (cap 15: deep saturation, the knee,
 // the linear middle), 3 heads' worth of columns, bias gradients accumulated and overwritten.
@@ -178,6 +201,10 @@ TEST_F(XlstmLargeGpuTest, GateCapKernelsPastTheCap) {
   Cuda().XlstmLargeGates(false, a);
   EXPECT_TRUE(Check("gates ig", ig, ig_ref, 1e-6));
   EXPECT_TRUE(Check("gates fg", fg, fg_ref, 1e-6));
+  // The backward over 256-row tiles (1000 rows = 3 full tiles and a partial one).
+  Tensor partial =
+      Tensor::Full({XlstmLargeGatePartialFloats(rows, heads)}, DType::kF32, NAN).ToDevice(Device::kCuda);
+  a.partial = partial.data<float>();
   Tensor dpre = ToCudaBf16(Tensor::Full({rows, cols}, DType::kF64, NAN));
   Tensor dbi = Tensor::Full({heads}, DType::kF32, 1.0).ToDevice(Device::kCuda), dbf = dbi.Clone();
   a.dig = dig_d.data<float>(); a.dfg = dfg_d.data<float>(); a.dpre = dpre.raw();
@@ -318,9 +345,7 @@ TEST_F(XlstmLargeGpuTest, CappedLinearCrossEntropy) {
   }
 }
 
-void CheckModel() {
-  const ModelSpec spec = SmallXlstmLarge();
-  const int64_t B = 2, T = 100;
+void CheckModel(const ModelSpec& spec, int64_t B, int64_t T) {
   auto gpu = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 3);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu = LanguageModel::Create(spec, DType::kF64, Device::kCpu, 3);
@@ -344,9 +369,55 @@ void CheckModel() {
   EXPECT_TRUE(CheckGradsWithTerms((*gpu)->params(), (*cpu)->params(), spec.preset, 5e-2, terms));
 }
 
-TEST_F(XlstmLargeGpuTest, ModelLossAndEveryGradient) { CheckModel(); }
+TEST_F(XlstmLargeGpuTest, ModelLossAndEveryGradient) { CheckModel(SmallXlstmLarge(), 2, 100); }
+
+TEST_F(XlstmLargeGpuTest, Model125mShapeDk96) { CheckModel(Xlstm125mBlocks(64), 2, 333); }
+
+// The preset itself is taken on CUDA (dk 96 through the padded cell).
+TEST_F(XlstmLargeGpuTest, Preset125mIsTakenOnCuda) {
+  auto m = LanguageModel::Create(*PresetSpec("xlstm-large-125m"), DType::kF32, Device::kCuda, 1);
+  EXPECT_TRUE(m.ok()) << m.status();
+}
+
+// The per-head width kernel alone: pad 96 -> 128 (zero columns) and cut back, bitwise.
+TEST_F(XlstmLargeGpuTest, HeadWidthPadAndCut) {
+  Rng rng(13);
+  const int64_t rows = 333, heads = 4, narrow = 96, wide = 128;
+  const Tensor x = RandomBf16Host({rows, heads * narrow}, 1.0, &rng);
+  const Tensor xd = ToCudaBf16(x);
+  Tensor padded = ToCudaBf16(Tensor::Full({rows, heads * wide}, DType::kF64, NAN));
+  XlstmLargeHeadWidthArgs a;
+  a.rows = rows; a.heads = heads; a.src_width = narrow; a.dst_width = wide;
+  a.src = xd.raw(); a.dst = padded.raw();
+  Cuda().XlstmLargeHeadWidth(a);
+  Tensor back = ToCudaBf16(Tensor::Full({rows, heads * narrow}, DType::kF64, NAN));
+  a.src_width = wide; a.dst_width = narrow; a.src = padded.raw(); a.dst = back.raw();
+  Cuda().XlstmLargeHeadWidth(a);
+  const Tensor p = padded.ToDevice(Device::kCpu).To(DType::kF64), b = back.ToDevice(Device::kCpu).To(DType::kF64);
+  int64_t bad = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t j = 0; j < wide; ++j) {
+        const double want = j < narrow ? x.At((r * heads + h) * narrow + j) : 0.0;
+        bad += p.At((r * heads + h) * wide + j) != want;
+        if (j < narrow) bad += b.At((r * heads + h) * narrow + j) != want;
+      }
+  std::printf("[%s] head width 96 -> 128 -> 96 (333 rows, 4 heads): %ld elements differ\n", bad == 0 ? "PASS" : "FAIL",
+              (long)bad);
+  EXPECT_EQ(bad, 0);
+}
 
 TEST_F(XlstmLargeGpuTest, DeferredZero) { EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large")); }
+
+// GYRE_XLSTM_LARGE_FOLD_GATES=off: the two skinny gate GEMMs instead of the gate rows in the o map's
+// backward GEMMs (the default since session 21); block, model and the deferred-zero rule.
+TEST_F(XlstmLargeGpuTest, FoldGatesOffBlockModelDeferredZero) {
+  setenv("GYRE_XLSTM_LARGE_FOLD_GATES", "off", 1);
+  CheckBlock("xlstm_large 125m dk96 chunk64 gates not folded", Xlstm125mBlocks(64), 2, 333);
+  CheckModel(Xlstm125mBlocks(64), 2, 333);
+  EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[gates not folded]"));
+  unsetenv("GYRE_XLSTM_LARGE_FOLD_GATES");
+}
 
 // Shapes the CUDA kernels do not take are refused at creation with the reason.
 TEST_F(XlstmLargeGpuTest, TinyPresetIsRefusedOnCuda) {

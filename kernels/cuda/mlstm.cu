@@ -629,7 +629,7 @@ Dims MakeDims(const MlstmShape& s, const MlstmOptions& o) {
   d.DV = static_cast<int>(s.dv);
   d.L = static_cast<int>(o.chunk_size);
   d.NC = static_cast<int>((s.seq_len + o.chunk_size - 1) / o.chunk_size);
-  d.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.dk)));
+  d.scale = static_cast<float>(o.qk_scale > 0 ? o.qk_scale : 1.0 / std::sqrt(static_cast<double>(s.dk)));
   d.eps = static_cast<float>(o.eps);
   d.sigmoid = o.forget_gate == MlstmForgetGate::kSigmoid;
   d.stop_grad = o.stop_normaliser_gradient;
@@ -1168,6 +1168,7 @@ CudaResult MlstmCheck(const MlstmShape& s, const MlstmOptions& o) {
                            std::to_string(s.dk) + " dv=" + std::to_string(s.dv));
   }
   if (!(o.eps >= 0)) return InvalidArgument("mlstm: eps must be >= 0");
+  if (!(o.qk_scale >= 0) || !std::isfinite(o.qk_scale)) return InvalidArgument("mlstm: qk_scale must be finite and >= 0");
   if (o.state_tile != 0 && o.state_tile != 64 && o.state_tile != 128) {
     return InvalidArgument("mlstm (cuda): state_tile must be 0 (auto), 64 or 128, got " +
                            std::to_string(o.state_tile));

@@ -225,6 +225,11 @@ struct MlstmOptions {
   // per SM (never more than the tiles); tests set fewer so that each block loops over many tiles.
   MlstmPersist persist = MlstmPersist::kOff;
   int64_t persist_blocks = 0;
+  // The factor q·kᵀ is scaled by; 0 = 1/sqrt(dk). A caller that zero-pads q and k per head to a
+  // supported dk (the xLSTM Large block at dk 96 runs the cell at 128, ops/XLSTM_LARGE.md) passes
+  // 1/sqrt(its true dk): the zero columns add nothing to q·k or to C, so the cell is then exactly
+  // the unpadded one. Host-side only (it sets the kernels' `scale` argument).
+  double qk_scale = 0;
 };
 
 // Device pointers to one (C, n, m) triple for all B×NH heads (fp32). A null `c` in an input
