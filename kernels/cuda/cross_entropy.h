@@ -104,6 +104,16 @@ struct LinearCrossEntropyArgs {
   // the row read from global memory three times, like ce_row_kernel1); 0 (the default) launches
   // exactly the kernels above (their PTX unchanged: tools/ptx/diff_rev.sh).
   float logit_soft_cap = 0.f;
+  // The capped row pass (cross_entropy_notes.md session 21): kGlobal ce_row_kernel_capped (three
+  // reads of the row from global memory, tanhf three times a logit); kStaged / kOnce
+  // ce_row_kernel2_capped (the row staged in shared memory, the cap as one ex2.approx and one
+  // rcp.approx per evaluation: kStaged keeps z in bf16 and evaluates it in the sum and G passes,
+  // kOnce evaluates it once while staging and keeps sign(z)·(1 − |tanh|) in fp32 — V <= 57,856,
+  // else kStaged; kStaged needs V <= ~115K, else kGlobal). kFromEnv: GYRE_LCE_CAPPED, read at
+  // every call (the step benches' --variants): unset or "global" kGlobal, "staged", "once"; any
+  // other value is an error.
+  enum class CappedRows { kFromEnv, kGlobal, kStaged, kOnce };
+  CappedRows capped_rows = CappedRows::kFromEnv;
 };
 
 // The logits buffer's row stride for `args` (ld_align resolved as above).
