@@ -10,11 +10,11 @@
 //                       the bitwise test's other side: lean_rows = false, GYRE_LCE_ROWS=staged).
 //   ce_row_kernel1      the same for larger vocabularies, reading the row three times (max, sum,
 //                       G) from global memory.
-//   ce_row_kernel_capped ce_row_kernel1's three passes over soft-capped logits (opt-in:
-//                       LinearCrossEntropyArgs::logit_soft_cap > 0; xLSTM Large).
-//   ce_row_kernel2_capped the capped pass staged in shared memory like the lean kernel, the cap
-//                       as ex2.approx + rcp.approx (capped_rows / GYRE_LCE_CAPPED staged | once;
-//                       session 21).
+//   ce_row_kernel2_capped soft-capped logits (LinearCrossEntropyArgs::logit_soft_cap > 0; xLSTM
+//                       Large): the lean kernel's staging, the cap as ex2.approx + rcp.approx
+//                       (session 21).
+//   ce_row_kernel_capped ce_row_kernel1's three passes over soft-capped logits: rows too long for
+//                       shared memory (V > ~115K).
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
 // The row kernels share the device functions below (block max / sum, token loss, gradient).
 // Host side: the logits buffer's row stride (LogitsRowStride: V rounded up to 128 by default, with
@@ -307,7 +307,8 @@ ce_row_kernel1(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, 
 // does over z; G = loss_scale · (softmax(l) − onehot) · sech²(z / c) written over z in place.
 // sech² is 4e/(1 + e)² with e = exp(−2|z/c|): no cancellation where the cap saturates (the
 // gradient there is tiny, not 1 − tanh² rounded to 0). Reads the row three times from global
-// memory (no staging): the opt-in path is correct first; its speed is measured, not assumed.
+// memory (no staging): since session 21 only for rows too long for ce_row_kernel2_capped's
+// shared-memory copy (V > ~115K), as ce_row_kernel1 for the uncapped loss.
 __device__ __forceinline__ float SoftCapped(float z, float cap, float inv_cap) { return cap * tanhf(z * inv_cap); }
 __device__ __forceinline__ float SoftCapSlope(float z, float inv_cap) {
   const float e = expf(-2.f * fabsf(z * inv_cap));
@@ -341,12 +342,13 @@ ce_row_kernel_capped(bf16* logits, int64_t ld, int64_t vocab, const int32_t* tar
   }
 }
 
-// The capped row pass with the lean kernel's staging (GYRE_LCE_CAPPED / LinearCrossEntropyArgs::
-// capped_rows; cross_entropy_notes.md session 21). ce_row_kernel_capped above reads the row three
-// times from global memory with 2-byte loads and evaluates tanhf three times, expf three times and
-// an IEEE division per logit (~110 instructions a logit, 6 multi-function-unit ops). Here the cap
-// is one exponential and one approximate reciprocal per evaluation, with everything the loss and
-// the gradient need derived from the same two values:
+// The capped row pass with the lean kernel's staging (the default for every vocabulary whose
+// row fits in shared memory since session 21; cross_entropy_notes.md). ce_row_kernel_capped above
+// reads the row three times from global memory with 2-byte loads and evaluates tanhf three times,
+// expf three times and an IEEE division per logit (~95 instructions a logit, ~10 multi-function-
+// unit ops): 3.84 ms a 16384-row chunk at V 50304 on an H100 against the uncapped lean pass's 1.17.
+// Here the cap is one exponential and one approximate reciprocal per evaluation, with everything
+// the loss and the gradient need derived from the same two values:
 //   x = z / c, e = exp(−2|x|) (ex2.approx of |z| · (−2 log2 e / c): one multiply, one MUFU op),
 //   u = 1 − |tanh x| = 2e / (1 + e)       (rcp.approx and two multiplies; 0 <= u <= 1),
 //   l = sign(z) · c · (1 − u)             (the capped logit; one fma and the sign bit),
@@ -360,15 +362,11 @@ ce_row_kernel_capped(bf16* logits, int64_t ld, int64_t vocab, const int32_t* tar
 // The row max needs no cap evaluation per logit: l is monotonic in z, so the max is taken on the
 // raw bf16 pairs (__hmax2, the lean kernel's staging) and capped once (the same formula, so the
 // maximum element's l equals row_max exactly).
-// Two kernels (which one: capped_rows):
-//   ce_row_kernel2_capped<false> ("staged"): the lean kernel's layout — bf16 z staged in shared
-//     memory (2 B a logit, two 512-thread blocks an SM) — with the cap evaluated twice per logit
-//     (sum pass and G pass): 2 exponentials + 2 reciprocals + the softmax's 2 expf;
-//   ce_row_kernel2_capped<true> ("once"): the staging pass evaluates the cap once per logit and
-//     keeps sign(z)·u as fp32 in shared memory (4 B a logit: V <= 57,856, one block an SM, so 1024
-//     threads); the sum and G passes read u and derive l and sech² with two or three FMA-pipe
-//     instructions: 1 exponential + 1 reciprocal + the softmax's 2 expf per logit — the uncapped
-//     pass plus one tanh, once.
+// z stays staged in bf16 (2 B a logit: two 512-thread blocks an SM, as the lean kernel) and the
+// cap is evaluated in the sum pass and again in the G pass: 2 exponentials + 2 reciprocals + the
+// softmax's 2 expf a logit, 1.70 ms a 16384-row chunk. Evaluating it once while staging and
+// keeping sign(z)·u in fp32 instead (4 B a logit: one 1024-thread block an SM) measured 1.91 ms:
+// the halved block count hid less than the saved MUFU ops (session 21, deleted).
 // Softmax exponentials stay expf (as the uncapped kernels): only the cap's own transcendentals
 // are approximate.
 __device__ __forceinline__ float Ex2Approx(float x) {
@@ -389,28 +387,19 @@ __device__ __forceinline__ float SlopeFromU(float su) {
   return u * (2.f - u);
 }
 
-template <bool kKeepU>
-struct CappedRowShape {
-  static constexpr int kThreads = kKeepU ? 1024 : 512;
-  static constexpr int kBlocksPerSm = kKeepU ? 1 : 2;
-};
-
-template <bool kKeepU>
-__global__ void __launch_bounds__(CappedRowShape<kKeepU>::kThreads, CappedRowShape<kKeepU>::kBlocksPerSm)
+__global__ void __launch_bounds__(kRowThreads2, 2)
 ce_row_kernel2_capped(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
                       float* token_loss, bool write_grad, float cap) {
-  constexpr int kThreads = CappedRowShape<kKeepU>::kThreads;
+  constexpr int kThreads = kRowThreads2;
   extern __shared__ uint4 srow_v[];
-  bf16* srow = reinterpret_cast<bf16*>(srow_v);  // staged: z as bf16
-  float* su_row = reinterpret_cast<float*>(srow_v);  // kept: sign(z) · u as fp32
-  float4* su_v = reinterpret_cast<float4*>(srow_v);
+  bf16* srow = reinterpret_cast<bf16*>(srow_v);
   const int64_t r = blockIdx.x;
   bf16* row = logits + r * ld;
   const int tid = threadIdx.x;
   const int nv = static_cast<int>(vocab / 8);
   const float k = -2.f * 1.4426950408889634f / cap;
   const uint4* row_v = reinterpret_cast<const uint4*>(row);
-  // 1. Stage the row (z, or sign(z)·u), the running max of z on bf16 pairs.
+  // 1. Stage the row, the running max of z on bf16 pairs.
   __nv_bfloat162 m2 = __floats2bfloat162_rn(-INFINITY, -INFINITY);
   for (int q0 = tid; q0 < nv; q0 += kLoadBatch * kThreads) {
     uint4 v[kLoadBatch];
@@ -425,15 +414,7 @@ ce_row_kernel2_capped(bf16* logits, int64_t ld, int64_t vocab, const int32_t* ta
       if (q < nv) {
         const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v[b]);
         m2 = __hmax2(__hmax2(m2, p[0]), __hmax2(p[1], __hmax2(p[2], p[3])));
-        if constexpr (kKeepU) {
-          float f[8];
-          UnpackWords8(v[b], f);
-          su_v[2 * q] = make_float4(CapSignedU(f[0], k), CapSignedU(f[1], k), CapSignedU(f[2], k), CapSignedU(f[3], k));
-          su_v[2 * q + 1] =
-              make_float4(CapSignedU(f[4], k), CapSignedU(f[5], k), CapSignedU(f[6], k), CapSignedU(f[7], k));
-        } else {
-          srow_v[q] = v[b];
-        }
+        srow_v[q] = v[b];
       }
     }
   }
@@ -441,37 +422,21 @@ ce_row_kernel2_capped(bf16* logits, int64_t ld, int64_t vocab, const int32_t* ta
   float m = fmaxf(m2f.x, m2f.y);
   for (int64_t j = 8 * static_cast<int64_t>(nv) + tid; j < vocab; j += kThreads) {
     const float z = __bfloat162float(row[j]);
-    if constexpr (kKeepU) {
-      su_row[j] = CapSignedU(z, k);
-    } else {
-      srow[j] = row[j];
-    }
+    srow[j] = row[j];
     m = fmaxf(m, z);
   }
   // The capped max: the same formula as every element's, so no l exceeds it.
   const float row_max = CappedFromU(CapSignedU(BlockReduce<kThreads>(m, MaxOp{}), k), cap);
-  // The capped logit j (from the staged copy).
+  // The capped logits of 16-byte group q of the staged row, and their sign(z)·u.
   auto capped8 = [&](int q, float (&l)[8], float (&su)[8]) {
-    if constexpr (kKeepU) {
-      const float4 a = su_v[2 * q], b = su_v[2 * q + 1];
-      su[0] = a.x; su[1] = a.y; su[2] = a.z; su[3] = a.w;
-      su[4] = b.x; su[5] = b.y; su[6] = b.z; su[7] = b.w;
-    } else {
-      float f[8];
-      UnpackWords8(srow_v[q], f);
+    float f[8];
+    UnpackWords8(srow_v[q], f);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) su[i] = CapSignedU(f[i], k);
-    }
+    for (int i = 0; i < 8; ++i) su[i] = CapSignedU(f[i], k);
 #pragma unroll
     for (int i = 0; i < 8; ++i) l[i] = CappedFromU(su[i], cap);
   };
-  auto su_at = [&](int64_t j) {
-    if constexpr (kKeepU) {
-      return su_row[j];
-    } else {
-      return CapSignedU(__bfloat162float(srow[j]), k);
-    }
-  };
+  auto su_at = [&](int64_t j) { return CapSignedU(__bfloat162float(srow[j]), k); };
   // 2. Σ exp(l − max).
   float s = 0.f;
   for (int q = tid; q < nv; q += kThreads) {
@@ -533,23 +498,12 @@ CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntr
                       bool grad, cudaStream_t stream) {
   // The staged row is the vocabulary rounded up to 16 bytes, whatever the buffer's stride.
   const int64_t row_smem = CeilDiv(a.vocab, 8) * 8 * static_cast<int64_t>(sizeof(bf16));
-  if (a.logit_soft_cap > 0.f && a.capped_rows != LinearCrossEntropyArgs::CappedRows::kGlobal &&
-      a.capped_rows != LinearCrossEntropyArgs::CappedRows::kFromEnv && row_smem <= kRowSmemMax) {
-    if (a.capped_rows == LinearCrossEntropyArgs::CappedRows::kOnce && 2 * row_smem <= kRowSmemMax) {
-      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2_capped<true>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(2 * row_smem)));
-      ce_row_kernel2_capped<true><<<static_cast<unsigned>(n), CappedRowShape<true>::kThreads, 2 * row_smem, stream>>>(
-          logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad, a.logit_soft_cap);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2_capped<once>");
-    } else {
-      CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2_capped<false>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(row_smem)));
-      ce_row_kernel2_capped<false><<<static_cast<unsigned>(n), CappedRowShape<false>::kThreads, row_smem, stream>>>(
-          logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad, a.logit_soft_cap);
-      CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2_capped<staged>");
-    }
+  if (a.logit_soft_cap > 0.f && row_smem <= kRowSmemMax) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2_capped, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(row_smem)));
+    ce_row_kernel2_capped<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(
+        logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad, a.logit_soft_cap);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2_capped");
   } else if (a.logit_soft_cap > 0.f) {
     ce_row_kernel_capped<<<static_cast<unsigned>(n), kRowThreads1, 0, stream>>>(
         logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad, a.logit_soft_cap);
@@ -667,18 +621,6 @@ CudaResult VocabProduct(GemmContext* gemm, const GemmArgs& g, VocabAxis axis, in
   return gemm->Gemm(tail, stream);
 }
 
-// GYRE_LCE_CAPPED, read at every call (bench --variants set it between steps): the default of
-// LinearCrossEntropyArgs::capped_rows. Unset or "global": kGlobal; "staged", "once"; any other
-// value kFromEnv (the callers' error names it).
-LinearCrossEntropyArgs::CappedRows CappedRowsMode(const LinearCrossEntropyArgs& a) {
-  using CappedRows = LinearCrossEntropyArgs::CappedRows;
-  if (a.capped_rows != CappedRows::kFromEnv) return a.capped_rows;
-  const char* v = std::getenv("GYRE_LCE_CAPPED");
-  if (v == nullptr || std::string(v) == "global") return CappedRows::kGlobal;
-  if (std::string(v) == "staged") return CappedRows::kStaged;
-  return std::string(v) == "once" ? CappedRows::kOnce : CappedRows::kFromEnv;
-}
-
 bool EnvFlag(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && v[0] == '1';
@@ -737,12 +679,7 @@ CudaResult CrossEntropyRows(bf16* logits, int64_t ld, int64_t rows, const Linear
   if (rows <= 0 || ld < a.vocab || ld % 8 != 0 || !logits || !a.targets || !a.token_loss) {
     return InvalidArgument("CrossEntropyRows: bad shape or missing pointer");
   }
-  LinearCrossEntropyArgs resolved = a;
-  resolved.capped_rows = CappedRowsMode(a);
-  if (resolved.capped_rows == LinearCrossEntropyArgs::CappedRows::kFromEnv)
-    return InvalidArgument(std::string("GYRE_LCE_CAPPED must be global, staged or once (or unset), got '") +
-                           std::getenv("GYRE_LCE_CAPPED") + "'");
-  return LaunchRows(logits, ld, rows, resolved, 0, grad, stream);
+  return LaunchRows(logits, ld, rows, a, 0, grad, stream);
 }
 
 CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
@@ -762,10 +699,6 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
   if (split == VocabSplit::kFromEnv)
     return InvalidArgument(std::string("GYRE_LCE_SPLIT must be 0, 1 or 2 (or unset), got '") +
                            std::getenv("GYRE_LCE_SPLIT") + "'");
-  const LinearCrossEntropyArgs::CappedRows capped_rows = CappedRowsMode(a);
-  if (capped_rows == LinearCrossEntropyArgs::CappedRows::kFromEnv)
-    return InvalidArgument(std::string("GYRE_LCE_CAPPED must be global, staged or once (or unset), got '") +
-                           std::getenv("GYRE_LCE_CAPPED") + "'");
   const bool grad = a.dh != nullptr || a.dw != nullptr;
   const int64_t ld = LogitsRowStride(a);
   if (ld % 8 != 0) return InvalidArgument("LinearCrossEntropy: ld_align must be a multiple of 8");
@@ -782,8 +715,6 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
   }
   const auto host_t0 = timing ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   const int64_t chunk = std::min(a.chunk_tokens, std::max<int64_t>(a.tokens, 1));
-  LinearCrossEntropyArgs a_rows = a;  // the row pass's arguments, the capped kernel resolved
-  a_rows.capped_rows = capped_rows;
   if (a.dw != nullptr && a.overwrite_dw && a.tokens == 0) {
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.dw, 0, sizeof(float) * a.vocab * a.dim, stream));
   }
@@ -814,7 +745,7 @@ CudaResult LinearCrossEntropy(GemmContext* gemm, DeviceAllocator* alloc,
     CUDA_RETURN_IF_NOT_OK(VocabProduct(gemm, g1, VocabAxis::kN, a.vocab, split, stream));
     if (phases) phases->Mark(0);
     // 2. loss and G (in place, bf16).
-    CUDA_RETURN_IF_NOT_OK(LaunchRows(logits, ld, n, a_rows, c0, grad, stream));
+    CUDA_RETURN_IF_NOT_OK(LaunchRows(logits, ld, n, a, c0, grad, stream));
     if (phases) phases->Mark(1);
     if (a.dh != nullptr) {
       // 3. dh_c [n, d] = G [n, V] · W [V, d].
