@@ -465,6 +465,74 @@ void GemmsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N,
   std::fflush(stdout);
 }
 
+// The soft-capped loss (--cap c: xLSTM Large's c = 30; cross_entropy_notes.md session 21) at the
+// model's call (chunk 16384, overwrite dW) beside the uncapped one: the row pass alone over 16384
+// rows (G in place; loss only) and the whole call, alternating in `rounds` rounds. (capce21's call
+// also ran the deleted three-pass global kernel and the fp32-u variant here.)
+void CappedAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d, int64_t V, float cap,
+              const bf16* h, const bf16* w, const int32_t* targets, float* tl, double* loss, bf16* dh, float* dw,
+              int rounds) {
+  constexpr int kModes = 2;
+  const char* names[kModes] = {"uncapped (lean)", "capped"};
+  auto args_for = [&](int mode) {
+    LinearCrossEntropyArgs a = LceArgs(N, d, V, h, w, targets, tl, loss, dh, dw);
+    a.chunk_tokens = 16384;
+    a.overwrite_dw = true;
+    a.logit_soft_cap = mode == 0 ? 0.f : cap;
+    return a;
+  };
+  {
+    const int64_t rows = std::min<int64_t>(16384, N);
+    const LinearCrossEntropyArgs a0 = args_for(0);
+    const int64_t ld = LogitsRowStride(a0);
+    DeviceBuffer lg;
+    CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * ld, &lg));
+    // The logits once; later passes run over G (the row pass's work does not depend on the values:
+    // no data-dependent branch but the target's group).
+    CUDA_OK_OR_DIE(gemm->Gemm(LogitsGemm(rows, d, V, h, w, lg.get(), ld, DType::kBf16), nullptr));
+    std::vector<double> ms[kModes][2];
+    for (int r = 0; r < rounds; ++r) {
+      for (int grad = 1; grad >= 0; --grad) {
+        for (int i = 0; i < kModes; ++i) {
+          const LinearCrossEntropyArgs a = args_for(i);
+          ms[i][grad].push_back(
+              TimeMs(timer, [&]() { return CrossEntropyRows(lg.as<bf16>(), ld, rows, a, grad == 1, nullptr); }));
+        }
+      }
+    }
+    const double bytes_grad = 4.0 * rows * V, bytes_loss = 2.0 * rows * V;
+    for (int grad = 1; grad >= 0; --grad) {
+      for (int i = 0; i < kModes; ++i) {
+        std::vector<double> v = ms[i][grad];
+        std::sort(v.begin(), v.end());
+        std::string rounds_s;
+        for (double x : ms[i][grad]) rounds_s += " " + std::to_string(x).substr(0, 6);
+        const double med = v[v.size() / 2];
+        std::printf("capped rows | %-16s | %ld rows, %s | median %7.4f ms | min %7.4f | %5.2f TB/s | rounds:%s\n",
+                    names[i], (long)rows, grad ? "G in place" : "loss only ", med, v.front(),
+                    (grad ? bytes_grad : bytes_loss) / med * 1e-9, rounds_s.c_str());
+      }
+    }
+    std::fflush(stdout);
+  }
+  std::vector<double> ms[kModes];
+  for (int r = 0; r < rounds; ++r) {
+    for (int i = 0; i < kModes; ++i) {
+      const LinearCrossEntropyArgs a = args_for(i);
+      ms[i].push_back(TimeMs(timer, [&]() { return LinearCrossEntropy(gemm, alloc, a, nullptr); }));
+    }
+  }
+  for (int i = 0; i < kModes; ++i) {
+    std::vector<double> v = ms[i];
+    std::sort(v.begin(), v.end());
+    std::string rounds_s;
+    for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
+    std::printf("capped ab | N=%ld d=%ld V=%ld | whole call, %-16s | median %7.3f ms | min %7.3f | rounds:%s\n",
+                (long)N, (long)d, (long)V, names[i], v[v.size() / 2], v.front(), rounds_s.c_str());
+  }
+  std::fflush(stdout);
+}
+
 int Main(int argc, char** argv) {
   int64_t N = 32768, d = 768, V = 50304;
   int reps = 20;
@@ -473,6 +541,7 @@ int Main(int argc, char** argv) {
   bool only_ab = false;
   bool candidates = false;
   bool rows_pass = false;
+  float cap = 0.f;
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--tokens" && i + 1 < argc) N = std::atoll(argv[++i]);
@@ -484,10 +553,11 @@ int Main(int argc, char** argv) {
     else if (s == "--only_ab") only_ab = true;
     else if (s == "--candidates") candidates = true;
     else if (s == "--rows") rows_pass = true;
+    else if (s == "--cap" && i + 1 < argc) cap = std::atof(argv[++i]);
     else {
       std::fprintf(stderr,
                    "usage: lce_bench [--tokens N] [--dim d] [--vocab V] [--reps n] [--no_accuracy] [--ab_rounds n] "
-                   "[--only_ab] [--candidates] [--rows]\n");
+                   "[--only_ab] [--candidates] [--rows] [--cap c]\n");
       return 2;
     }
   }
@@ -518,6 +588,11 @@ int Main(int argc, char** argv) {
     return TimeMs(timer, op);
   };
   const double gemm_flops = 2.0 * N * V * d;
+  if (cap > 0.f) {  // the capped A/B alone
+    CappedAb(gemm.get(), &alloc, timer, N, d, V, cap, h.as<bf16>(), w.as<bf16>(), targets.as<int32_t>(),
+             tl.as<float>(), loss.as<double>(), dh.as<bf16>(), dw.as<float>(), ab_rounds);
+    return 0;
+  }
   RowsAb(gemm.get(), &alloc, timer, N, d, V, h.as<bf16>(), w.as<bf16>(), targets.as<int32_t>(), tl.as<float>(),
          loss.as<double>(), dh.as<bf16>(), dw.as<float>(), ab_rounds, rows_pass);
   GemmsAb(gemm.get(), &alloc, timer, N, d, V, h.as<bf16>(), w.as<bf16>(), dh.as<bf16>(), dw.as<float>(), ab_rounds,

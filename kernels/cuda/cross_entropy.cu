@@ -10,8 +10,11 @@
 //                       the bitwise test's other side: lean_rows = false, GYRE_LCE_ROWS=staged).
 //   ce_row_kernel1      the same for larger vocabularies, reading the row three times (max, sum,
 //                       G) from global memory.
-//   ce_row_kernel_capped ce_row_kernel1's three passes over soft-capped logits (opt-in:
-//                       LinearCrossEntropyArgs::logit_soft_cap > 0; xLSTM Large).
+//   ce_row_kernel2_capped soft-capped logits (LinearCrossEntropyArgs::logit_soft_cap > 0; xLSTM
+//                       Large): the lean kernel's staging, the cap as ex2.approx + rcp.approx
+//                       (session 21).
+//   ce_row_kernel_capped ce_row_kernel1's three passes over soft-capped logits: rows too long for
+//                       shared memory (V > ~115K).
 //   ce_loss_sum_kernel1 one block: Σ token_loss in double, fixed order (deterministic).
 // The row kernels share the device functions below (block max / sum, token loss, gradient).
 // Host side: the logits buffer's row stride (LogitsRowStride: V rounded up to 128 by default, with
@@ -304,7 +307,8 @@ ce_row_kernel1(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, 
 // does over z; G = loss_scale · (softmax(l) − onehot) · sech²(z / c) written over z in place.
 // sech² is 4e/(1 + e)² with e = exp(−2|z/c|): no cancellation where the cap saturates (the
 // gradient there is tiny, not 1 − tanh² rounded to 0). Reads the row three times from global
-// memory (no staging): the opt-in path is correct first; its speed is measured, not assumed.
+// memory (no staging): since session 21 only for rows too long for ce_row_kernel2_capped's
+// shared-memory copy (V > ~115K), as ce_row_kernel1 for the uncapped loss.
 __device__ __forceinline__ float SoftCapped(float z, float cap, float inv_cap) { return cap * tanhf(z * inv_cap); }
 __device__ __forceinline__ float SoftCapSlope(float z, float inv_cap) {
   const float e = expf(-2.f * fabsf(z * inv_cap));
@@ -338,6 +342,142 @@ ce_row_kernel_capped(bf16* logits, int64_t ld, int64_t vocab, const int32_t* tar
   }
 }
 
+// The capped row pass with the lean kernel's staging (the default for every vocabulary whose
+// row fits in shared memory since session 21; cross_entropy_notes.md). ce_row_kernel_capped above
+// reads the row three times from global memory with 2-byte loads and evaluates tanhf three times,
+// expf three times and an IEEE division per logit (~95 instructions a logit, ~10 multi-function-
+// unit ops): 3.84 ms a 16384-row chunk at V 50304 on an H100 against the uncapped lean pass's 1.17.
+// Here the cap is one exponential and one approximate reciprocal per evaluation, with everything
+// the loss and the gradient need derived from the same two values:
+//   x = z / c, e = exp(−2|x|) (ex2.approx of |z| · (−2 log2 e / c): one multiply, one MUFU op),
+//   u = 1 − |tanh x| = 2e / (1 + e)       (rcp.approx and two multiplies; 0 <= u <= 1),
+//   l = sign(z) · c · (1 − u)             (the capped logit; one fma and the sign bit),
+//   sech² x = 1 − tanh² x = u · (2 − u)   (no cancellation where the cap saturates: u is small
+//                                          there and carried with its own relative precision).
+// Error: e carries ex2.approx's ~2 ulp plus the argument's rounding (|arg| <= ~25 before e
+// underflows relative to 1: <= ~2e-6 relative); u the same plus rcp's ulp; l's absolute error is
+// c · δu <= ~1e-5 at c = 30 — far under the bf16 rounding of z itself (2^-9 of |z|), which the
+// float64 bands already carry. Where e underflows (|z| > ~44 c) u = 0: l = ±c, sech² = 0 (the true
+// value is < 1e-38).
+// The row max needs no cap evaluation per logit: l is monotonic in z, so the max is taken on the
+// raw bf16 pairs (__hmax2, the lean kernel's staging) and capped once (the same formula, so the
+// maximum element's l equals row_max exactly).
+// z stays staged in bf16 (2 B a logit: two 512-thread blocks an SM, as the lean kernel) and the
+// cap is evaluated in the sum pass and again in the G pass: 2 exponentials + 2 reciprocals + the
+// softmax's 2 expf a logit, 1.70 ms a 16384-row chunk. Evaluating it once while staging and
+// keeping sign(z)·u in fp32 instead (4 B a logit: one 1024-thread block an SM) measured 1.91 ms:
+// the halved block count hid less than the saved MUFU ops (session 21, deleted).
+// Softmax exponentials stay expf (as the uncapped kernels): only the cap's own transcendentals
+// are approximate.
+__device__ __forceinline__ float Ex2Approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+// sign(z) · u with u = 1 − |tanh(z / c)|; `neg2_log2e_over_cap` = −2 log2(e) / c.
+__device__ __forceinline__ float CapSignedU(float z, float neg2_log2e_over_cap) {
+  const float e = Ex2Approx(fabsf(z) * neg2_log2e_over_cap);
+  const float u = __fdividef(e + e, 1.f + e);
+  return copysignf(u, z);
+}
+// The capped logit and sech² from sign(z) · u.
+__device__ __forceinline__ float CappedFromU(float su, float cap) { return copysignf(fmaf(-cap, fabsf(su), cap), su); }
+__device__ __forceinline__ float SlopeFromU(float su) {
+  const float u = fabsf(su);
+  return u * (2.f - u);
+}
+
+__global__ void __launch_bounds__(kRowThreads2, 2)
+ce_row_kernel2_capped(bf16* logits, int64_t ld, int64_t vocab, const int32_t* targets, float loss_scale,
+                      float* token_loss, bool write_grad, float cap) {
+  constexpr int kThreads = kRowThreads2;
+  extern __shared__ uint4 srow_v[];
+  bf16* srow = reinterpret_cast<bf16*>(srow_v);
+  const int64_t r = blockIdx.x;
+  bf16* row = logits + r * ld;
+  const int tid = threadIdx.x;
+  const int nv = static_cast<int>(vocab / 8);
+  const float k = -2.f * 1.4426950408889634f / cap;
+  const uint4* row_v = reinterpret_cast<const uint4*>(row);
+  // 1. Stage the row, the running max of z on bf16 pairs.
+  __nv_bfloat162 m2 = __floats2bfloat162_rn(-INFINITY, -INFINITY);
+  for (int q0 = tid; q0 < nv; q0 += kLoadBatch * kThreads) {
+    uint4 v[kLoadBatch];
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int q = q0 + b * kThreads;
+      if (q < nv) v[b] = row_v[q];
+    }
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int q = q0 + b * kThreads;
+      if (q < nv) {
+        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v[b]);
+        m2 = __hmax2(__hmax2(m2, p[0]), __hmax2(p[1], __hmax2(p[2], p[3])));
+        srow_v[q] = v[b];
+      }
+    }
+  }
+  const float2 m2f = __bfloat1622float2(m2);
+  float m = fmaxf(m2f.x, m2f.y);
+  for (int64_t j = 8 * static_cast<int64_t>(nv) + tid; j < vocab; j += kThreads) {
+    const float z = __bfloat162float(row[j]);
+    srow[j] = row[j];
+    m = fmaxf(m, z);
+  }
+  // The capped max: the same formula as every element's, so no l exceeds it.
+  const float row_max = CappedFromU(CapSignedU(BlockReduce<kThreads>(m, MaxOp{}), k), cap);
+  // The capped logits of 16-byte group q of the staged row, and their sign(z)·u.
+  auto capped8 = [&](int q, float (&l)[8], float (&su)[8]) {
+    float f[8];
+    UnpackWords8(srow_v[q], f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) su[i] = CapSignedU(f[i], k);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) l[i] = CappedFromU(su[i], cap);
+  };
+  auto su_at = [&](int64_t j) { return CapSignedU(__bfloat162float(srow[j]), k); };
+  // 2. Σ exp(l − max).
+  float s = 0.f;
+  for (int q = tid; q < nv; q += kThreads) {
+    float l[8], su[8];
+    capped8(q, l, su);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s += expf(l[i] - row_max);
+  }
+  for (int64_t j = 8 * static_cast<int64_t>(nv) + tid; j < vocab; j += kThreads) s += expf(CappedFromU(su_at(j), cap) - row_max);
+  const float lse = row_max + logf(BlockReduce<kThreads>(s, SumOp{}));
+  const int32_t target = targets[r];
+  if (tid == 0) {
+    token_loss[r] = TokenLoss(lse, target, vocab, target >= 0 && target < vocab ? CappedFromU(su_at(target), cap) : 0.f);
+  }
+  if (!write_grad) return;
+  // 3. G = loss_scale · (softmax(l) − onehot) · sech² over the row's own bytes.
+  const GradElement grad(lse, loss_scale, target, vocab);
+  if (grad.ignored) {
+    for (int q = tid; q < nv; q += kThreads) reinterpret_cast<uint4*>(row)[q] = make_uint4(0, 0, 0, 0);
+  } else {
+    const int target_q = target < vocab ? target / 8 : -1;
+    const bool bad = target >= vocab;
+    for (int q = tid; q < nv; q += kThreads) {
+      float l[8], su[8], g[8];
+      capped8(q, l, su);
+      if (q == target_q || bad) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) g[i] = grad(l[i], 8 * q + i) * SlopeFromU(su[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) g[i] = loss_scale * expf(l[i] - lse) * SlopeFromU(su[i]);
+      }
+      StoreBf16<8>(row + 8 * q, g);
+    }
+  }
+  for (int64_t j = 8 * static_cast<int64_t>(nv) + tid; j < vocab; j += kThreads) {
+    const float su = su_at(j);
+    row[j] = __float2bfloat16_rn(grad(CappedFromU(su, cap), j) * SlopeFromU(su));
+  }
+}
+
 __global__ void ce_loss_sum_kernel1(const float* token_loss, int64_t n, float loss_scale,
                                     double* loss_sum) {
   __shared__ double part[1024 / 32];
@@ -358,7 +498,13 @@ CudaResult LaunchRows(bf16* logits, int64_t ld, int64_t n, const LinearCrossEntr
                       bool grad, cudaStream_t stream) {
   // The staged row is the vocabulary rounded up to 16 bytes, whatever the buffer's stride.
   const int64_t row_smem = CeilDiv(a.vocab, 8) * 8 * static_cast<int64_t>(sizeof(bf16));
-  if (a.logit_soft_cap > 0.f) {
+  if (a.logit_soft_cap > 0.f && row_smem <= kRowSmemMax) {
+    CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ce_row_kernel2_capped, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(row_smem)));
+    ce_row_kernel2_capped<<<static_cast<unsigned>(n), kRowThreads2, row_smem, stream>>>(
+        logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad, a.logit_soft_cap);
+    CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel2_capped");
+  } else if (a.logit_soft_cap > 0.f) {
     ce_row_kernel_capped<<<static_cast<unsigned>(n), kRowThreads1, 0, stream>>>(
         logits, ld, a.vocab, a.targets + c0, a.loss_scale, a.token_loss + c0, grad, a.logit_soft_cap);
     CUDA_RETURN_IF_LAUNCH_ERROR("ce_row_kernel_capped");
