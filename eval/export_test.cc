@@ -1045,7 +1045,9 @@ TEST(ExportTest, Bf16AndF16ExportsHoldTheRoundedMasters) {
       for (const auto& [name, t] : *masters) largest_tensor = std::max(largest_tensor, t.bytes.size());
       // Pieces: bf16 / f16 at most 64K elements (128 KiB); f32 one tensor at most (the embedding).
       EXPECT_LE(largest, std::max<size_t>(8 + header, dtype == ExportDType::kF32 ? largest_tensor : 128 * 1024));
-      if (dtype != ExportDType::kF32) EXPECT_GE(env.appends.size(), file.size() / (128 * 1024));
+      if (dtype != ExportDType::kF32) {
+        EXPECT_GE(env.appends.size(), file.size() / (128 * 1024));
+      }
       std::printf("%s %s: %lld elements (%lld NaN, %lld inf, %lld subnormal in the format, %lld ties), %zu bytes in %zu "
                   "appends (largest %zu), %lld wrong\n",
                   family.c_str(), ExportDTypeName(dtype), (long long)elements, (long long)nan, (long long)inf,

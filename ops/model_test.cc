@@ -215,8 +215,11 @@ TEST(DeferredZeroTest, AStepOnStaleGradientsEqualsAFreshModelsStep) {
     ExpectSameGradients(got.grads, fresh, 1e-13);
     // The embedding, final norm and head always skip the memset; Llama and recurrent blocks too.
     EXPECT_GE(got.left_stale, c.spec.tie_embeddings ? 2 : 3);
-    if (c.all_deferred) EXPECT_EQ(got.left_stale, got.params);
-    else EXPECT_LT(got.left_stale, got.params);
+    if (c.all_deferred) {
+      EXPECT_EQ(got.left_stale, got.params);
+    } else {
+      EXPECT_LT(got.left_stale, got.params);
+    }
   }
 }
 

@@ -166,7 +166,9 @@ std::pair<double, double> Attribute(const std::string& label, Stack& s, int64_t 
       for (int b = 0; b < 3; ++b) std::printf("  block %d only %.3e", b, RelativeError(s.Logits(x, batch, seq, st.bits, b), exact));
     std::printf("\n");
     // The emulation rounds something (the gates' u matters only with gate weights).
-    if (st.bits != kXlBf16UGates || gate_weights) EXPECT_GT(err, 0.0) << st.name;
+    if (st.bits != kXlBf16UGates || gate_weights) {
+      EXPECT_GT(err, 0.0) << st.name;
+    }
   }
   const double all = RelativeError(s.Logits(x, batch, seq, kXlBf16All | kFinalNorm | kLogits | kCapped), exact);
   std::printf("  %-24s rel_err %.3e (root of the sum of squares of the rows: %.3e)\n", "all", all, std::sqrt(sum_sq));
