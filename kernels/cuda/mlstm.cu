@@ -256,6 +256,48 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
 }
 
 int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
+
+// GYRE_MLSTM_WIDE_SLABS (session 21, helper cell125; opt-in, read once per process): chunk 64's
+// mma.sync fwd_out and bwd_dv on wider dv slabs where dv is not a multiple of 128 (the slab
+// would be 64): a comma list of out96 / out192 / dv96 / dv192 (fwd_out's, bwd_dv's slab; used
+// where dv divides by it), "off" or unset = the 64 slabs. Why: at xlstm-large-125m's cell (dk 128,
+// dv 192) each of the three 64-column slabs recomputes the chunk's QKᵀ (fwd_out) / KQᵀ (bwd_dv)
+// and re-reads its q / k tiles; 96 halves the recomputation at the same two blocks per SM
+// (fwd_out 102 KB), 192 removes it (fwd_out 162 KB: one 4-warp block per SM; bwd_dv 112 KB: two).
+// An unknown token is an error naming it (WideSlabsCheck).
+struct WideSlabs {
+  int out = 0;                  // fwd_out's dv slab (0: the default rule)
+  int dv = 0;                   // bwd_dv's dv slab (0: the default rule)
+  std::string bad;              // the unknown token
+};
+const WideSlabs& WideSlabsEnv() {
+  static const WideSlabs from_env = [] {
+    WideSlabs w;
+    const char* e = std::getenv("GYRE_MLSTM_WIDE_SLABS");
+    if (e == nullptr) return w;
+    const std::string all(e);
+    for (size_t pos = 0; pos <= all.size();) {
+      const size_t comma = std::min(all.find(',', pos), all.size());
+      const std::string t = all.substr(pos, comma - pos);
+      pos = comma + 1;
+      if (t == "out96") w.out = 96;
+      else if (t == "out192") w.out = 192;
+      else if (t == "dv96") w.dv = 96;
+      else if (t == "dv192") w.dv = 192;
+      else if (t != "off" && !t.empty()) w.bad = t;
+    }
+    return w;
+  }();
+  return from_env;
+}
+CudaResult WideSlabsCheck(const char* who) {
+  const WideSlabs& w = WideSlabsEnv();
+  if (w.bad.empty()) return {};
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_WIDE_SLABS takes a comma list of out96, out192, "
+                         "dv96, dv192 (or off / unset), got '" + w.bad + "'");
+}
+// The wide slab (96 / 192) a chunk-64 launch uses in place of the 64-column one, 0 for none.
+int WideSlab(int wanted, int dv) { return wanted > 0 && dv % 128 != 0 && dv % wanted == 0 ? wanted : 0; }
 // Columns of h per fwd_out block and of dq/dk per bwd_dqk block (MlstmOptions::io_slab; the
 // auto rule is next to the shared-memory layouts below).
 int OutSlab(const MlstmShape& s, const MlstmOptions& o);
@@ -873,6 +915,15 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
     return d.split ? out(std::integral_constant<int, 128>{}, T{})
                    : out(std::integral_constant<int, 128>{}, F{});
   }
+  if constexpr (L == 64) {  // GYRE_MLSTM_WIDE_SLABS (opt-in): 96- / 192-column slabs
+    switch (WideSlab(WideSlabsEnv().out, d.DV)) {
+      case 96: return d.split ? out(std::integral_constant<int, 96>{}, T{})
+                              : out(std::integral_constant<int, 96>{}, F{});
+      case 192: return d.split ? out(std::integral_constant<int, 192>{}, T{})
+                               : out(std::integral_constant<int, 192>{}, F{});
+      default: break;
+    }
+  }
   return d.split ? out(std::integral_constant<int, 64>{}, T{})
                  : out(std::integral_constant<int, 64>{}, F{});
 }
@@ -968,7 +1019,17 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   } else if (DvSlab(d.DV) == 128) {
     CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 128>{}));
   } else {
-    CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 64>{}));
+    const int wide = L == 64 ? WideSlab(WideSlabsEnv().dv, d.DV) : 0;  // GYRE_MLSTM_WIDE_SLABS
+    if constexpr (L == 64) {
+      if (wide == 96) {
+        CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 96>{}));
+      } else if (wide == 192) {
+        CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 192>{}));
+      }
+    }
+    if (wide == 0) {
+      CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 64>{}));
+    }
   }
   auto dqk = [&](auto tag, auto split_tag) -> CudaResult {
     constexpr int DKT = decltype(tag)::value;
@@ -1265,6 +1326,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
+  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm forward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -1417,6 +1479,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
+  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm backward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);
