@@ -257,41 +257,38 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
 
 int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
 
-// GYRE_MLSTM_WIDE_SLABS (session 21, helper cell125; opt-in, read once per process): chunk 64's
-// mma.sync fwd_out and bwd_dv on wider dv slabs where dv is not a multiple of 128 (the slab
-// would be 64): a comma list of out96 / out192 / dv96 / dv192 (fwd_out's, bwd_dv's slab; used
-// where dv divides by it), "off" or unset = the 64 slabs. Why: at xlstm-large-125m's cell (dk 128,
-// dv 192) each of the three 64-column slabs recomputes the chunk's QKᵀ (fwd_out) / KQᵀ (bwd_dv)
-// and re-reads its q / k tiles; 96 halves the recomputation at the same two blocks per SM
-// (fwd_out 102 KB), 192 removes it (fwd_out 162 KB: one 4-warp block per SM; bwd_dv 112 KB: two).
-// An unknown token is an error naming it (WideSlabsCheck).
+// GYRE_MLSTM_WIDE_SLABS (session 21, helper cell125; opt-in): chunk 64's mma.sync fwd_out and
+// bwd_dv on wider dv slabs where dv is not a multiple of 128 (the slab would be 64): a comma list
+// of out96 / out192 / dv96 / dv192 (fwd_out's, bwd_dv's slab; used where dv divides by it), "off"
+// or unset = the 64 slabs. Why: at xlstm-large-125m's cell (dk 128, dv 192) each of the three
+// 64-column slabs recomputes the chunk's QKᵀ (fwd_out) / KQᵀ (bwd_dv) and re-reads its q / k
+// tiles; 96 halves the recomputation at the same two blocks per SM (fwd_out 102 KB), 192 removes
+// it (fwd_out 162 KB: one 4-warp block per SM; bwd_dv 112 KB: two). Read at every forward /
+// backward (one getenv, next to a ~0.1 ms launch sequence) so that recurrent_step_bench
+// --variants can alternate it on one model. An unknown token is an error naming it.
 struct WideSlabs {
   int out = 0;                  // fwd_out's dv slab (0: the default rule)
   int dv = 0;                   // bwd_dv's dv slab (0: the default rule)
   std::string bad;              // the unknown token
 };
-const WideSlabs& WideSlabsEnv() {
-  static const WideSlabs from_env = [] {
-    WideSlabs w;
-    const char* e = std::getenv("GYRE_MLSTM_WIDE_SLABS");
-    if (e == nullptr) return w;
-    const std::string all(e);
-    for (size_t pos = 0; pos <= all.size();) {
-      const size_t comma = std::min(all.find(',', pos), all.size());
-      const std::string t = all.substr(pos, comma - pos);
-      pos = comma + 1;
-      if (t == "out96") w.out = 96;
-      else if (t == "out192") w.out = 192;
-      else if (t == "dv96") w.dv = 96;
-      else if (t == "dv192") w.dv = 192;
-      else if (t != "off" && !t.empty()) w.bad = t;
-    }
-    return w;
-  }();
-  return from_env;
+WideSlabs WideSlabsEnv() {
+  WideSlabs w;
+  const char* e = std::getenv("GYRE_MLSTM_WIDE_SLABS");
+  if (e == nullptr) return w;
+  const std::string all(e);
+  for (size_t pos = 0; pos <= all.size();) {
+    const size_t comma = std::min(all.find(',', pos), all.size());
+    const std::string t = all.substr(pos, comma - pos);
+    pos = comma + 1;
+    if (t == "out96") w.out = 96;
+    else if (t == "out192") w.out = 192;
+    else if (t == "dv96") w.dv = 96;
+    else if (t == "dv192") w.dv = 192;
+    else if (t != "off" && !t.empty()) w.bad = t;
+  }
+  return w;
 }
-CudaResult WideSlabsCheck(const char* who) {
-  const WideSlabs& w = WideSlabsEnv();
+CudaResult WideSlabsCheck(const WideSlabs& w, const char* who) {
   if (w.bad.empty()) return {};
   return InvalidArgument(std::string(who) + ": GYRE_MLSTM_WIDE_SLABS takes a comma list of out96, out192, "
                          "dv96, dv192 (or off / unset), got '" + w.bad + "'");
@@ -1326,7 +1323,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
-  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm forward"));
+  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck(WideSlabsEnv(), "mlstm forward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -1479,7 +1476,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
-  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm backward"));
+  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck(WideSlabsEnv(), "mlstm backward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);
