@@ -62,7 +62,9 @@
 // mlstm_bwd_dv_wg_fused (one block per head-chunk for all slabs; the default since session 8,
 // 0.542 -> 0.335 ms at the 125m cell on an H100; MlstmBwdDvKernel / GYRE_MLSTM_BWD_DV select the
 // others). Everything else (chunk 16-64,
-// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
+// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix; at chunk 64 with dv
+// a multiple of 192 but not of 128 (xlstm-large-125m's dv 192) fwd_out takes 96-column slabs and
+// bwd_dv 192-column ones (UseWideSlabs, session 21: the cell 1.12 -> 1.03 ms). xlstm-125m cell
 // (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
 // Defaults since the lead's session-8 device call (helper mlstm10's kernels; H100, 125m cell):
 // mlstm_fwd_out_ws3 (three dk stages, 0.624 -> 0.495 ms) and mlstm_state_fwd_ws /
@@ -257,44 +259,32 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
 
 int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
 
-// GYRE_MLSTM_WIDE_SLABS (session 21, helper cell125; opt-in): chunk 64's mma.sync fwd_out and
-// bwd_dv on wider dv slabs where dv is not a multiple of 128 (the slab would be 64): a comma list
-// of out96 / out192 / dv96 / dv192 (fwd_out's, bwd_dv's slab; used where dv divides by it), "off"
-// or unset = the 64 slabs. Why: at xlstm-large-125m's cell (dk 128, dv 192) each of the three
-// 64-column slabs recomputes the chunk's QKᵀ (fwd_out) / KQᵀ (bwd_dv) and re-reads its q / k
-// tiles; 96 halves the recomputation at the same two blocks per SM (fwd_out 102 KB), 192 removes
-// it (fwd_out 162 KB: one 4-warp block per SM; bwd_dv 112 KB: two). Read at every forward /
-// backward (one getenv, next to a ~0.1 ms launch sequence) so that recurrent_step_bench
-// --variants can alternate it on one model. An unknown token is an error naming it.
-struct WideSlabs {
-  int out = 0;                  // fwd_out's dv slab (0: the default rule)
-  int dv = 0;                   // bwd_dv's dv slab (0: the default rule)
-  std::string bad;              // the unknown token
-};
-WideSlabs WideSlabsEnv() {
-  WideSlabs w;
+// Wide dv slabs at chunk 64 (session 21, helper cell125; the default since its call 3): where dv
+// is not a multiple of 128 but of 192 (xlstm-large-125m's cell: dk 128, dv 192), the mma.sync
+// fwd_out runs 96-column slabs and bwd_dv 192-column ones instead of 64. Why: each 64-column
+// slab block recomputes the chunk's QKᵀ (fwd_out) / KQᵀ (bwd_dv) and re-reads its q / k tiles, and
+// at 64 (b, h) pairs × 32 chunks the blocks are short, so the recomputation is most of the
+// difference. fwd_out<64, 96>: 102 KB, two 4-warp blocks per SM as at 64, two slabs instead of
+// three; bwd_dv<64, 192>: 112 KB, two blocks per SM (three at 64), no recomputation. Measured (H100,
+// B16 S2048 NH4 dk128 dv192): fwd_out 0.269 -> 0.220 ms, bwd_dv 0.155 -> 0.117, the cell's fwd+bwd
+// 1.12 -> 1.03 ms; the 125m step 73.4 -> 71.7 ms (3 of 3 rounds, two processes). Lost and deleted:
+// fwd_out at 192 columns (0.222 alone, the step 72.5: one block per SM) and bwd_dv at 96 (0.152:
+// two blocks per SM eat the saving). GYRE_MLSTM_WIDE_SLABS=off (read at every forward / backward,
+// one getenv, so recurrent_step_bench --variants can alternate it on one model) keeps the 64
+// slabs; "on" or unset = wide; any other value is an error naming it.
+enum class WideSlabsSetting { kOn, kOff, kBad };
+WideSlabsSetting WideSlabsEnv() {
   const char* e = std::getenv("GYRE_MLSTM_WIDE_SLABS");
-  if (e == nullptr) return w;
-  const std::string all(e);
-  for (size_t pos = 0; pos <= all.size();) {
-    const size_t comma = std::min(all.find(',', pos), all.size());
-    const std::string t = all.substr(pos, comma - pos);
-    pos = comma + 1;
-    if (t == "out96") w.out = 96;
-    else if (t == "out192") w.out = 192;
-    else if (t == "dv96") w.dv = 96;
-    else if (t == "dv192") w.dv = 192;
-    else if (t != "off" && !t.empty()) w.bad = t;
-  }
-  return w;
+  if (e == nullptr || std::strcmp(e, "on") == 0) return WideSlabsSetting::kOn;
+  return std::strcmp(e, "off") == 0 ? WideSlabsSetting::kOff : WideSlabsSetting::kBad;
 }
-CudaResult WideSlabsCheck(const WideSlabs& w, const char* who) {
-  if (w.bad.empty()) return {};
-  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_WIDE_SLABS takes a comma list of out96, out192, "
-                         "dv96, dv192 (or off / unset), got '" + w.bad + "'");
+CudaResult WideSlabsCheck(const char* who) {
+  if (WideSlabsEnv() != WideSlabsSetting::kBad) return {};
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_WIDE_SLABS must be on or off (or unset), got '" +
+                         std::getenv("GYRE_MLSTM_WIDE_SLABS") + "'");
 }
-// The wide slab (96 / 192) a chunk-64 launch uses in place of the 64-column one, 0 for none.
-int WideSlab(int wanted, int dv) { return wanted > 0 && dv % 128 != 0 && dv % wanted == 0 ? wanted : 0; }
+// Whether a chunk-64 launch at this dv takes the wide slabs (fwd_out 96, bwd_dv 192).
+bool UseWideSlabs(int dv) { return dv % 128 != 0 && dv % 192 == 0 && WideSlabsEnv() == WideSlabsSetting::kOn; }
 // Columns of h per fwd_out block and of dq/dk per bwd_dqk block (MlstmOptions::io_slab; the
 // auto rule is next to the shared-memory layouts below).
 int OutSlab(const MlstmShape& s, const MlstmOptions& o);
@@ -912,13 +902,9 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
     return d.split ? out(std::integral_constant<int, 128>{}, T{})
                    : out(std::integral_constant<int, 128>{}, F{});
   }
-  if constexpr (L == 64) {  // GYRE_MLSTM_WIDE_SLABS (opt-in): 96- / 192-column slabs
-    switch (WideSlab(WideSlabsEnv().out, d.DV)) {
-      case 96: return d.split ? out(std::integral_constant<int, 96>{}, T{})
-                              : out(std::integral_constant<int, 96>{}, F{});
-      case 192: return d.split ? out(std::integral_constant<int, 192>{}, T{})
-                               : out(std::integral_constant<int, 192>{}, F{});
-      default: break;
+  if constexpr (L == 64) {  // wide slabs (UseWideSlabs): 96 columns
+    if (UseWideSlabs(d.DV)) {
+      return d.split ? out(std::integral_constant<int, 96>{}, T{}) : out(std::integral_constant<int, 96>{}, F{});
     }
   }
   return d.split ? out(std::integral_constant<int, 64>{}, T{})
@@ -1016,17 +1002,11 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   } else if (DvSlab(d.DV) == 128) {
     CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 128>{}));
   } else {
-    const int wide = L == 64 ? WideSlab(WideSlabsEnv().dv, d.DV) : 0;  // GYRE_MLSTM_WIDE_SLABS
+    const bool wide = L == 64 && UseWideSlabs(d.DV);  // 192 columns
     if constexpr (L == 64) {
-      if (wide == 96) {
-        CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 96>{}));
-      } else if (wide == 192) {
-        CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 192>{}));
-      }
+      if (wide) CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 192>{}));
     }
-    if (wide == 0) {
-      CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 64>{}));
-    }
+    if (!wide) CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 64>{}));
   }
   auto dqk = [&](auto tag, auto split_tag) -> CudaResult {
     constexpr int DKT = decltype(tag)::value;
@@ -1323,7 +1303,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
-  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck(WideSlabsEnv(), "mlstm forward"));
+  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm forward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -1476,7 +1456,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
-  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck(WideSlabsEnv(), "mlstm backward"));
+  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm backward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);
