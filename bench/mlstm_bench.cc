@@ -589,6 +589,16 @@ int main(int argc, char** argv) {
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 128, v2_persist_both},
       {"xlstm-125m-cell", s125, 256, v2_lag},
       {"xlstm-1.3b-cell", {4, 2048, 4, 1024, 1024}, 256, v2_lag},
+      // The ops/ xlstm-large-125m cell (session 21, helper cell125): transformers' xLSTM Large at
+      // d 768, 4 heads of dk 96 zero-padded to 128 (ops/xlstm_large_block.cc), dv 192, B16; chunk
+      // 64 (the preset, transformers' choice) and 128; dv 192 is not a multiple of 128: 64 × 64
+      // state tiles, and at chunk 64 fwd_out / bwd_dv on 96- / 192-column slabs (mlstm.cu
+      // UseWideSlabs; GYRE_MLSTM_WIDE_SLABS=off: 64 columns, the kernels before session 21).
+      {"xlstm-large-125m", {16, 2048, 4, 128, 192}, 64, v2},
+      {"xlstm-large-125m", {16, 2048, 4, 128, 192}, 128, v2},
+      {"xlstm-large-125m", {16, 2048, 4, 128, 192}, 64, v2_io64},
+      {"xlstm-large-125m", {16, 2048, 4, 128, 192}, 64, v2_io128},
+      {"xlstm-large-125m", {16, 2048, 4, 128, 192}, 128, v2_io64},
   };
   if (only.empty() && !once) {
     gyre::cuda::RunStep("xlstm-7b-heads", {1, 1, 8, 256, 512}, reps, stream);

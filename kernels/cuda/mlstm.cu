@@ -62,7 +62,9 @@
 // mlstm_bwd_dv_wg_fused (one block per head-chunk for all slabs; the default since session 8,
 // 0.542 -> 0.335 ms at the 125m cell on an H100; MlstmBwdDvKernel / GYRE_MLSTM_BWD_DV select the
 // others). Everything else (chunk 16-64,
-// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix. xlstm-125m cell
+// 64-column slabs, 64×64 state tiles) uses mma.sync m16n8k16 with ldmatrix; at chunk 64 with dv
+// a multiple of 192 but not of 128 (xlstm-large-125m's dv 192) fwd_out takes 96-column slabs and
+// bwd_dv 192-column ones (UseWideSlabs, session 21: the cell 1.12 -> 1.03 ms). xlstm-125m cell
 // (H200): fwd+bwd 3.53 -> ~3.0 ms; what was measured: kernels/cuda/mlstm_notes.md (session 7).
 // Defaults since the lead's session-8 device call (helper mlstm10's kernels; H100, 125m cell):
 // mlstm_fwd_out_ws3 (three dk stages, 0.624 -> 0.495 ms) and mlstm_state_fwd_ws /
@@ -256,6 +258,33 @@ SavedLayout MakeSaved(const MlstmShape& s, const MlstmOptions& o) {
 }
 
 int DvSlab(int64_t dv) { return dv % 128 == 0 ? 128 : 64; }
+
+// Wide dv slabs at chunk 64 (session 21, helper cell125; the default since its call 3): where dv
+// is not a multiple of 128 but of 192 (xlstm-large-125m's cell: dk 128, dv 192), the mma.sync
+// fwd_out runs 96-column slabs and bwd_dv 192-column ones instead of 64. Why: each 64-column
+// slab block recomputes the chunk's QKᵀ (fwd_out) / KQᵀ (bwd_dv) and re-reads its q / k tiles, and
+// at 64 (b, h) pairs × 32 chunks the blocks are short, so the recomputation is most of the
+// difference. fwd_out<64, 96>: 102 KB, two 4-warp blocks per SM as at 64, two slabs instead of
+// three; bwd_dv<64, 192>: 112 KB, two blocks per SM (three at 64), no recomputation. Measured (H100,
+// B16 S2048 NH4 dk128 dv192): fwd_out 0.269 -> 0.220 ms, bwd_dv 0.155 -> 0.117, the cell's fwd+bwd
+// 1.12 -> 1.03 ms; the 125m step 73.4 -> 71.7 ms (3 of 3 rounds, two processes). Lost and deleted:
+// fwd_out at 192 columns (0.222 alone, the step 72.5: one block per SM) and bwd_dv at 96 (0.152:
+// two blocks per SM eat the saving). GYRE_MLSTM_WIDE_SLABS=off (read at every forward / backward,
+// one getenv, so recurrent_step_bench --variants can alternate it on one model) keeps the 64
+// slabs; "on" or unset = wide; any other value is an error naming it.
+enum class WideSlabsSetting { kOn, kOff, kBad };
+WideSlabsSetting WideSlabsEnv() {
+  const char* e = std::getenv("GYRE_MLSTM_WIDE_SLABS");
+  if (e == nullptr || std::strcmp(e, "on") == 0) return WideSlabsSetting::kOn;
+  return std::strcmp(e, "off") == 0 ? WideSlabsSetting::kOff : WideSlabsSetting::kBad;
+}
+CudaResult WideSlabsCheck(const char* who) {
+  if (WideSlabsEnv() != WideSlabsSetting::kBad) return {};
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_WIDE_SLABS must be on or off (or unset), got '" +
+                         std::getenv("GYRE_MLSTM_WIDE_SLABS") + "'");
+}
+// Whether a chunk-64 launch at this dv takes the wide slabs (fwd_out 96, bwd_dv 192).
+bool UseWideSlabs(int dv) { return dv % 128 != 0 && dv % 192 == 0 && WideSlabsEnv() == WideSlabsSetting::kOn; }
 // Columns of h per fwd_out block and of dq/dk per bwd_dqk block (MlstmOptions::io_slab; the
 // auto rule is next to the shared-memory layouts below).
 int OutSlab(const MlstmShape& s, const MlstmOptions& o);
@@ -873,6 +902,11 @@ CudaResult LaunchForward(const Dims& d, const FwdPtrs& p, cudaStream_t stream, b
     return d.split ? out(std::integral_constant<int, 128>{}, T{})
                    : out(std::integral_constant<int, 128>{}, F{});
   }
+  if constexpr (L == 64) {  // wide slabs (UseWideSlabs): 96 columns
+    if (UseWideSlabs(d.DV)) {
+      return d.split ? out(std::integral_constant<int, 96>{}, T{}) : out(std::integral_constant<int, 96>{}, F{});
+    }
+  }
   return d.split ? out(std::integral_constant<int, 64>{}, T{})
                  : out(std::integral_constant<int, 64>{}, F{});
 }
@@ -968,7 +1002,11 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
   } else if (DvSlab(d.DV) == 128) {
     CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 128>{}));
   } else {
-    CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 64>{}));
+    const bool wide = L == 64 && UseWideSlabs(d.DV);  // 192 columns
+    if constexpr (L == 64) {
+      if (wide) CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 192>{}));
+    }
+    if (!wide) CUDA_RETURN_IF_NOT_OK(dv(std::integral_constant<int, 64>{}));
   }
   auto dqk = [&](auto tag, auto split_tag) -> CudaResult {
     constexpr int DKT = decltype(tag)::value;
@@ -1265,6 +1303,7 @@ CudaResult MlstmChunkwiseForward(const MlstmShape& shape, const MlstmOptions& op
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm forward", &tail_split));
+  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm forward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   const SavedLayout l = MakeSaved(shape, options);
@@ -1417,6 +1456,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   }
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
+  CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm backward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);

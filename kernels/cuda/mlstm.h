@@ -213,7 +213,9 @@ struct MlstmOptions {
   // Columns per block of the chunk-output kernels: h columns of fwd_out and dq/dk columns of
   // bwd_dqk: 64, 128 (needs dv resp. dk multiples of 128; otherwise 64 is used) or 0 = auto: 128
   // unless it leaves fewer than 8 warps resident per SM (chunk 64 with split states: 4) and 64
-  // keeps more (measured in bench/RESULTS.md, helper mlstm5).
+  // keeps more (measured in bench/RESULTS.md, helper mlstm5). Chunk 64 with dv a multiple of 192
+  // but not of 128 takes wider dv slabs whatever this says (fwd_out 96, bwd_dv 192 columns; mlstm.cu
+  // UseWideSlabs, GYRE_MLSTM_WIDE_SLABS=off keeps 64).
   int64_t io_slab = 0;
   // Backward only (see MlstmBwdDvKernel; kAuto follows GYRE_MLSTM_BWD_DV, default kWgmmaFused).
   MlstmBwdDvKernel bwd_dv = MlstmBwdDvKernel::kAuto;

@@ -503,6 +503,14 @@ TEST(MlstmGpuTest, ChunkwiseMatchesCpuFloat64) {
       // other output in its band; case 38's reason).
       {1, 8200, 1, 128, 128, 256, true, true, Gates::kExtreme},
       {1, 2048, 2, 384, 384, 256, true, false},
+      // The ops/ xlstm-large-125m cell (session 21, helper cell125): 4 heads of dk 128 (96 padded)
+      // and dv 192 (not a multiple of 128: 64 × 64 state tiles; at chunk 64 fwd_out's 96-column and
+      // bwd_dv's 192-column slabs, mlstm.cu UseWideSlabs, or with GYRE_MLSTM_WIDE_SLABS=off the
+      // 64-column ones), an odd length, at the preset's chunk 64 with normal and ±30 gates, and at
+      // chunk 128 (64-column fwd_out / bwd_dv slabs, the warpgroup bwd_dqk).
+      {2, 333, 4, 128, 192, 64, true, true},
+      {2, 333, 4, 128, 192, 64, false, true, Gates::kExtreme},
+      {2, 333, 4, 128, 192, 128, true, true},
   };
   // MLSTM_TEST_CASES="i,j,...": run only those cases (e.g. under compute-sanitizer, which is
   // too slow for all of them), each with its own seed. Without it all cases share one stream in
