@@ -400,14 +400,15 @@ Tensor XlstmLargeBlock::BackwardCuda(const Tensor& dy) {
   const int64_t rows = batch_ * seq_, dk = qk_dim_ / heads_, dv = v_dim_ / heads_, dk_cell = CellDk(dk);
   Tensor dx1 = norm_ffn_.BackwardAdd(ffn_.Backward(dy), dy);
   Tensor dgated = out_proj_.Backward(dx1);
-  // The gates folded into the o map (default since session 21; GYRE_XLSTM_LARGE_FOLD_GATES=off, read
-  // at every backward so recurrent_step_bench --variants can alternate it, keeps the two skinny gate
-  // GEMMs): d_o and the gates' dpre side by side in one [rows, v_dim + 2·NH] buffer, so the o map's
-  // two backward GEMMs carry the gate rows ([W_o; W_i; W_f] one span). Measured at the 125m: −0.93
-  // ms a step by the kernel rows, 3 of 3 rounds (ops/XLSTM_LARGE.md); at d 2048 (xlperf20's
-  // fused_gates, session 20) it timed +0.05 ms, 1 of 3, while its kernel rows said −0.6 ms: the
-  // switch stays until the lead's call measures xlstm-large-bench with this code.
-  const bool fold_gates = EnvChoice("GYRE_XLSTM_LARGE_FOLD_GATES", {"", "off", "on"}, "on") != "off";
+  // The gates folded into the o map (GYRE_XLSTM_LARGE_FOLD_GATES=on, opt-in; read at every backward
+  // so recurrent_step_bench --variants can alternate it): d_o and the gates' dpre side by side in one
+  // [rows, v_dim + 2·NH] buffer, so the o map's two backward GEMMs carry the gate rows ([W_o; W_i;
+  // W_f] one span) instead of two skinny gate GEMMs. Its kernel rows say −0.93 ms a step at the 125m
+  // (helper xl125), but the steps disagree: on at the 125m 74.80 vs 75.18 ms (xl125's call 3, 3 of 3)
+  // and then 67.65 vs 66.88 ms off (the lead's final call of session 21, 4 of 4 rounds for off, on the
+  // merged main); at xlstm-large-bench 154.49 vs 153.75 off (2 of 4), as session 20's +0.05 ms. No
+  // clear win: the unfused path stays the default (ops/XLSTM_LARGE.md).
+  const bool fold_gates = EnvChoice("GYRE_XLSTM_LARGE_FOLD_GATES", {"", "off", "on"}, "off") == "on";
   const int64_t ld_do = fold_gates ? v_dim_ + 2 * heads_ : v_dim_;
   // The norm + out gate backward: dh, d(o pre-activation), d(norm weight) in one kernel (+ the
   // fixed-order column pass of dweight's tile sums).

@@ -7,7 +7,7 @@
 //          also the xlstm-large-125m block shape (d 768, dk 96 padded to 128 for the cell, dv 192,
 //          FFN 2048) at B2 x 333, chunks 64 and 128, and a 2-block model of that shape;
 //   head width: the q / k padding kernel (96 -> 128 zero columns) and its cut back, bitwise;
-//   gates not folded (GYRE_XLSTM_LARGE_FOLD_GATES=off, the non-default path): block, model, deferred zero;
+//   gates folded into the o map (GYRE_XLSTM_LARGE_FOLD_GATES=on, the opt-in path): block, model, deferred zero;
 //   gates: the cap kernels alone on pre-activations up to ±60 (past the cap of 15) vs float64;
 //   norm + out gate: the per-head LayerNorm with σ(o) (one kernel each way) and its backward,
 //          dweight accumulated / overwritten and bitwise repeatable, vs float64;
@@ -409,13 +409,14 @@ TEST_F(XlstmLargeGpuTest, HeadWidthPadAndCut) {
 
 TEST_F(XlstmLargeGpuTest, DeferredZero) { EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large")); }
 
-// GYRE_XLSTM_LARGE_FOLD_GATES=off: the two skinny gate GEMMs instead of the gate rows in the o map's
-// backward GEMMs (the default since session 21); block, model and the deferred-zero rule.
-TEST_F(XlstmLargeGpuTest, FoldGatesOffBlockModelDeferredZero) {
-  setenv("GYRE_XLSTM_LARGE_FOLD_GATES", "off", 1);
-  CheckBlock("xlstm_large 125m dk96 chunk64 gates not folded", Xlstm125mBlocks(64), 2, 333);
+// GYRE_XLSTM_LARGE_FOLD_GATES=on: the gate rows in the o map's backward GEMMs instead of the two
+// skinny gate GEMMs (opt-in; the default path runs in every other test); block, model and the
+// deferred-zero rule.
+TEST_F(XlstmLargeGpuTest, FoldGatesOnBlockModelDeferredZero) {
+  setenv("GYRE_XLSTM_LARGE_FOLD_GATES", "on", 1);
+  CheckBlock("xlstm_large 125m dk96 chunk64 gates folded", Xlstm125mBlocks(64), 2, 333);
   CheckModel(Xlstm125mBlocks(64), 2, 333);
-  EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[gates not folded]"));
+  EXPECT_TRUE(DeferredZeroMatchesZeroed(SmallXlstmLarge(), "xlstm_large[gates folded]"));
   unsetenv("GYRE_XLSTM_LARGE_FOLD_GATES");
 }
 
