@@ -283,6 +283,25 @@ CudaResult WideSlabsCheck(const char* who) {
   return InvalidArgument(std::string(who) + ": GYRE_MLSTM_WIDE_SLABS must be on or off (or unset), got '" +
                          std::getenv("GYRE_MLSTM_WIDE_SLABS") + "'");
 }
+// GYRE_MLSTM_DQK_PF (session 21, helper dqk64; opt-in): chunk 64's bwd_dqk as mlstm_bwd_dqk_pf,
+// each block L2-prefetching its inputs at its start (why: mlstm_mma_sync.cuh above BwdDqkBody).
+// Read at every backward (one getenv, so recurrent_step_bench --variants can alternate it):
+// unset or "off" = the default kernel; "dc" = dC_{k+1} hi + lo; "states" = C_k and dC_{k+1};
+// "all" = those and the dh / v rows; any other value is an error naming it. Returns the pf bits,
+// or -1 for a bad value.
+int DqkPrefetchEnv() {
+  const char* e = std::getenv("GYRE_MLSTM_DQK_PF");
+  if (e == nullptr || std::strcmp(e, "off") == 0) return 0;
+  if (std::strcmp(e, "dc") == 0) return 2;
+  if (std::strcmp(e, "states") == 0) return 3;
+  if (std::strcmp(e, "all") == 0) return 7;
+  return -1;
+}
+CudaResult DqkPrefetchCheck(const char* who) {
+  if (DqkPrefetchEnv() >= 0) return {};
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_DQK_PF must be off, dc, states or all (or unset), got '" +
+                         std::getenv("GYRE_MLSTM_DQK_PF") + "'");
+}
 // Whether a chunk-64 launch at this dv takes the wide slabs (fwd_out 96, bwd_dv 192).
 bool UseWideSlabs(int dv) { return dv % 128 != 0 && dv % 192 == 0 && WideSlabsEnv() == WideSlabsSetting::kOn; }
 // Columns of h per fwd_out block and of dq/dk per bwd_dqk block (MlstmOptions::io_slab; the
@@ -1012,6 +1031,16 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
     constexpr int DKT = decltype(tag)::value;
     constexpr bool SPLIT = decltype(split_tag)::value;
     const size_t smem = DqkSmem<L, DKT, SPLIT>::kBytes;
+    if constexpr (L == 64) {
+      const int pf = d.DV % 8 == 0 ? DqkPrefetchEnv() : 0;
+      if (pf > 0) {
+        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_pf<L, DKT, SPLIT>, smem));
+        mlstm_bwd_dqk_pf<L, DKT, SPLIT><<<dim3(d.DK / DKT, d.NC, bh), 2 * L, smem, stream>>>(d, p, pf);
+        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
+        Hook("mlstm_bwd_dqk", stream);
+        return {};
+      }
+    }
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk<L, DKT, SPLIT>, smem));
     mlstm_bwd_dqk<L, DKT, SPLIT><<<dim3(d.DK / DKT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
@@ -1457,6 +1486,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
   CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm backward"));
+  CUDA_RETURN_IF_NOT_OK(DqkPrefetchCheck("mlstm backward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);
