@@ -283,25 +283,6 @@ CudaResult WideSlabsCheck(const char* who) {
   return InvalidArgument(std::string(who) + ": GYRE_MLSTM_WIDE_SLABS must be on or off (or unset), got '" +
                          std::getenv("GYRE_MLSTM_WIDE_SLABS") + "'");
 }
-// GYRE_MLSTM_DQK_PF (session 21, helper dqk64; opt-in): chunk 64's bwd_dqk as mlstm_bwd_dqk_pf,
-// each block L2-prefetching its inputs at its start (why: mlstm_mma_sync.cuh above BwdDqkBody).
-// Read at every backward (one getenv, so recurrent_step_bench --variants can alternate it):
-// unset or "off" = the default kernel; "dc" = dC_{k+1} hi + lo; "states" = C_k and dC_{k+1};
-// "all" = those and the dh / v rows; any other value is an error naming it. Returns the pf bits,
-// or -1 for a bad value.
-int DqkPrefetchEnv() {
-  const char* e = std::getenv("GYRE_MLSTM_DQK_PF");
-  if (e == nullptr || std::strcmp(e, "off") == 0) return 0;
-  if (std::strcmp(e, "dc") == 0) return 2;
-  if (std::strcmp(e, "states") == 0) return 3;
-  if (std::strcmp(e, "all") == 0) return 7;
-  return -1;
-}
-CudaResult DqkPrefetchCheck(const char* who) {
-  if (DqkPrefetchEnv() >= 0) return {};
-  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_DQK_PF must be off, dc, states or all (or unset), got '" +
-                         std::getenv("GYRE_MLSTM_DQK_PF") + "'");
-}
 // Whether a chunk-64 launch at this dv takes the wide slabs (fwd_out 96, bwd_dv 192).
 bool UseWideSlabs(int dv) { return dv % 128 != 0 && dv % 192 == 0 && WideSlabsEnv() == WideSlabsSetting::kOn; }
 // Columns of h per fwd_out block and of dq/dk per bwd_dqk block (MlstmOptions::io_slab; the
@@ -948,12 +929,30 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   return {};
 }
 
+// GYRE_MLSTM_BWD_PREP (session 21, helper dqk64; opt-in): "early" runs the warp-per-token step 4
+// as mlstm_bwd_prep_early (the per-token scalars read before the rows; mlstm_bwd.cuh says why).
+// Read at every backward (one getenv, so recurrent_step_bench --variants can alternate it): unset
+// or "default" = mlstm_bwd_prep; any other value is an error naming it (BwdPrepCheck).
+enum class BwdPrepSetting { kDefault, kEarly, kBad };
+BwdPrepSetting BwdPrepEnv() {
+  const char* e = std::getenv("GYRE_MLSTM_BWD_PREP");
+  if (e == nullptr || std::strcmp(e, "default") == 0) return BwdPrepSetting::kDefault;
+  return std::strcmp(e, "early") == 0 ? BwdPrepSetting::kEarly : BwdPrepSetting::kBad;
+}
+CudaResult BwdPrepCheck(const char* who) {
+  if (BwdPrepEnv() != BwdPrepSetting::kBad) return {};
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_BWD_PREP must be default or early (or unset), got '" +
+                         std::getenv("GYRE_MLSTM_BWD_PREP") + "'");
+}
+
 // Step 4: the warp-per-token kernel that forms dh·(h + h_lo) itself, or with `dots` (not null;
 // MlstmChunkwiseBackwardWithDots) the thread-per-token one that reads them.
 CudaResult LaunchBwdPrep(const Dims& d, const BwdPtrs& p, const float* dots, cudaStream_t stream) {
   const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
   if (dots != nullptr) {
     mlstm_bwd_prep_dots<<<static_cast<unsigned>((tokens + 255) / 256), 256, 0, stream>>>(d, p, dots);
+  } else if (BwdPrepEnv() == BwdPrepSetting::kEarly) {
+    mlstm_bwd_prep_early<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
   } else {
     mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
   }
@@ -1031,16 +1030,6 @@ CudaResult LaunchBackward(const Dims& d, const BwdPtrs& p, const BwdDvChoice& dv
     constexpr int DKT = decltype(tag)::value;
     constexpr bool SPLIT = decltype(split_tag)::value;
     const size_t smem = DqkSmem<L, DKT, SPLIT>::kBytes;
-    if constexpr (L == 64) {
-      const int pf = d.DV % 8 == 0 ? DqkPrefetchEnv() : 0;
-      if (pf > 0) {
-        CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk_pf<L, DKT, SPLIT>, smem));
-        mlstm_bwd_dqk_pf<L, DKT, SPLIT><<<dim3(d.DK / DKT, d.NC, bh), 2 * L, smem, stream>>>(d, p, pf);
-        CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
-        Hook("mlstm_bwd_dqk", stream);
-        return {};
-      }
-    }
     CUDA_RETURN_IF_NOT_OK(SetSmem(mlstm_bwd_dqk<L, DKT, SPLIT>, smem));
     mlstm_bwd_dqk<L, DKT, SPLIT><<<dim3(d.DK / DKT, d.NC, bh), 2 * L, smem, stream>>>(d, p);
     CUDA_RETURN_IF_LAUNCH_ERROR("mlstm_bwd_dqk");
@@ -1486,7 +1475,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
   CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm backward"));
-  CUDA_RETURN_IF_NOT_OK(DqkPrefetchCheck("mlstm backward"));
+  CUDA_RETURN_IF_NOT_OK(BwdPrepCheck("mlstm backward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);

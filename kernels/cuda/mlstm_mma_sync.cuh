@@ -633,28 +633,8 @@ struct DqkSmem {
   static constexpr size_t kBytes = kEnd * 2 + (5 * L + 2 * DKT) * 4;
 };
 
-// L2 prefetch of a bwd_dqk block's inputs at its start (session 21, helper dqk64; opt-in
-// GYRE_MLSTM_DQK_PF, chunk 64 only). Why: at chunk 64 a block walks six dependent cp.async round
-// trips (phase 1's three 64-column dv tiles, phase 3's three) with one tile in flight behind the
-// one being multiplied, and the kernel moves its ~640 MB (xlstm-large-125m's cell: C_k and dC_{k+1}
-// hi + lo are 400 MB of it, twice chunk 128's) at ~2 TB/s, where the state kernels reach ~3.1.
-// One cp.async.bulk.prefetch.L2 per 4 KB piece of the block's contiguous state slabs (C_k rows a0..
-// a0+DKT of [DK][DV] are one run of DKT·DV·2 bytes) and one per dh / v row puts every later
-// round trip on L2 instead of DRAM, without shared memory (the occupancy stays two blocks an SM).
-// Bits of pf: 1 = C_k hi (+ lo), 2 = dC_{k+1} hi (+ lo), 4 = the dh and v rows.
-__device__ __forceinline__ void PrefetchL2Bulk(const void* ptr, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(ptr), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void PrefetchL2Run(const bf16* base, int64_t bytes, int tid, int threads) {
-  constexpr int64_t kPiece = 4096;
-  const char* b = reinterpret_cast<const char*>(base);
-  for (int64_t off = static_cast<int64_t>(tid) * kPiece; off < bytes; off += threads * kPiece) {
-    PrefetchL2Bulk(b + off, static_cast<uint32_t>(min(kPiece, bytes - off)));
-  }
-}
-
 template <int L, int DKT, bool SPLIT>
-__device__ __forceinline__ void BwdDqkBody(const Dims& d, const BwdPtrs& p, int pf) {
+__global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = DqkSmem<L, DKT, SPLIT>;
   bf16* sm = reinterpret_cast<bf16*>(smem_raw);
@@ -684,22 +664,6 @@ __device__ __forceinline__ void BwdDqkBody(const Dims& d, const BwdPtrs& p, int 
   const float m_k = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k];
   const float m_next = p.smk[static_cast<int64_t>(bh) * (d.NC + 1) + k + 1];
 
-  if (pf != 0) {
-    const int64_t slab_bytes = static_cast<int64_t>(DKT) * d.DV * 2;
-    if (pf & 1) {
-      PrefetchL2Run(cbase, slab_bytes, tid, kThreads);
-      if constexpr (SPLIT) PrefetchL2Run(clobase, slab_bytes, tid, kThreads);
-    }
-    if (pf & 2) {
-      PrefetchL2Run(dcbase, slab_bytes, tid, kThreads);
-      if constexpr (SPLIT) PrefetchL2Run(dclobase, slab_bytes, tid, kThreads);
-    }
-    if ((pf & 4) && tid < 2 * len) {  // rows t of dh (tid < len) and v (tid >= len); DV % 8 == 0
-      const bf16* src = tid < len ? p.dh : p.v;
-      const int t = tid < len ? tid : tid - len;
-      PrefetchL2Bulk(src + (tok0 + static_cast<int64_t>(t) * d.NH) * d.DV, static_cast<uint32_t>(d.DV) * 2);
-    }
-  }
   LoadTile<L, DKT>(qs, SM::kSK, p.q + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
   LoadTile<L, DKT>(ks, SM::kSK, p.k + tok0 * d.DK + a0, ldqk, len, tid, kThreads);
   CpAsyncCommit();
@@ -865,14 +829,4 @@ __device__ __forceinline__ void BwdDqkBody(const Dims& d, const BwdPtrs& p, int 
     StoreRowsPadded(kacc, ks, SM::kSK, p.dk + tok0 * d.DK + a0, ldqk, r0, r1, c, len, dot0, dot1);
     StoreRowDots<false>(p, dot0, dot1, so, blockIdx.x, r0, r1, c, len);
   }
-}
-
-template <int L, int DKT, bool SPLIT>
-__global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk(Dims d, BwdPtrs p) {
-  BwdDqkBody<L, DKT, SPLIT>(d, p, 0);
-}
-// The same block with the L2 prefetch of its inputs (pf bits above; GYRE_MLSTM_DQK_PF).
-template <int L, int DKT, bool SPLIT>
-__global__ void __launch_bounds__(2 * L) mlstm_bwd_dqk_pf(Dims d, BwdPtrs p, int pf) {
-  BwdDqkBody<L, DKT, SPLIT>(d, p, pf);
 }
