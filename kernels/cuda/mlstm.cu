@@ -929,12 +929,30 @@ CudaResult LaunchGatesBwd(const Dims& d, const BwdPtrs& p, cudaStream_t stream) 
   return {};
 }
 
+// GYRE_MLSTM_BWD_PREP (session 21, helper dqk64; opt-in): "early" runs the warp-per-token step 4
+// as mlstm_bwd_prep_early (the per-token scalars read before the rows; mlstm_bwd.cuh says why).
+// Read at every backward (one getenv, so recurrent_step_bench --variants can alternate it): unset
+// or "default" = mlstm_bwd_prep; any other value is an error naming it (BwdPrepCheck).
+enum class BwdPrepSetting { kDefault, kEarly, kBad };
+BwdPrepSetting BwdPrepEnv() {
+  const char* e = std::getenv("GYRE_MLSTM_BWD_PREP");
+  if (e == nullptr || std::strcmp(e, "default") == 0) return BwdPrepSetting::kDefault;
+  return std::strcmp(e, "early") == 0 ? BwdPrepSetting::kEarly : BwdPrepSetting::kBad;
+}
+CudaResult BwdPrepCheck(const char* who) {
+  if (BwdPrepEnv() != BwdPrepSetting::kBad) return {};
+  return InvalidArgument(std::string(who) + ": GYRE_MLSTM_BWD_PREP must be default or early (or unset), got '" +
+                         std::getenv("GYRE_MLSTM_BWD_PREP") + "'");
+}
+
 // Step 4: the warp-per-token kernel that forms dh·(h + h_lo) itself, or with `dots` (not null;
 // MlstmChunkwiseBackwardWithDots) the thread-per-token one that reads them.
 CudaResult LaunchBwdPrep(const Dims& d, const BwdPtrs& p, const float* dots, cudaStream_t stream) {
   const int64_t tokens = static_cast<int64_t>(d.B) * d.S * d.NH;
   if (dots != nullptr) {
     mlstm_bwd_prep_dots<<<static_cast<unsigned>((tokens + 255) / 256), 256, 0, stream>>>(d, p, dots);
+  } else if (BwdPrepEnv() == BwdPrepSetting::kEarly) {
+    mlstm_bwd_prep_early<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
   } else {
     mlstm_bwd_prep<<<static_cast<unsigned>((tokens + 7) / 8), 256, 0, stream>>>(d, p);
   }
@@ -1457,6 +1475,7 @@ CudaResult Backward(const MlstmShape& shape, const MlstmOptions& options, const 
   bool tail_split = false;
   CUDA_RETURN_IF_NOT_OK(StateTailSplit(options, "mlstm backward", &tail_split));
   CUDA_RETURN_IF_NOT_OK(WideSlabsCheck("mlstm backward"));
+  CUDA_RETURN_IF_NOT_OK(BwdPrepCheck("mlstm backward"));
   Dims d = MakeDims(shape, options);
   d.gate_cluster = GateCluster(shape, options);
   dv_choice.dqk_persist_blocks = DqkPersistBlocks(d, options);

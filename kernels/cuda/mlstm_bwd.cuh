@@ -65,6 +65,63 @@ __global__ void __launch_bounds__(256) mlstm_bwd_prep(Dims d, BwdPtrs p) {
   if (lane == 0) BwdPrepScalars(d, p, b, hd, t, o, dot);
 }
 
+// mlstm_bwd_prep with the per-token scalars loaded first (session 21, helper dqk64; opt-in
+// GYRE_MLSTM_BWD_PREP=early). Why: the default warp reads its token's dh, h, h_lo rows, reduces
+// the dot across the warp and only then has lane 0 read m, den, b and m_k: two dependent DRAM
+// round trips a warp, and in the second one an SM has only 4 scalars a warp in flight. Here every
+// lane reads the four scalars (one broadcast transaction each) before the rows, so both sets are in
+// flight together; the arithmetic is BwdPrepScalars' in the same order (bitwise the same outputs).
+// At xlstm-large-125m's cell (131k tokens, dv 192) the rows are 151 MB: measured (H100, 3 of 3
+// alternating rounds) 0.082 -> 0.063 ms (1.9 -> 2.4 TB/s), the cell's fwd+bwd 1.018 -> 0.998 ms;
+// the step's −0.3 ms (−0.5%) is inside its round spread, so it stays opt-in (mlstm_notes.md).
+__global__ void __launch_bounds__(256) mlstm_bwd_prep_early(Dims d, BwdPtrs p) {
+  const int64_t tok = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (tok >= static_cast<int64_t>(d.B) * d.S * d.NH) return;
+  const int hd = tok % d.NH;
+  const int64_t bt = tok / d.NH;
+  const int t = bt % d.S, b = bt / d.S;
+  const int64_t o = (static_cast<int64_t>(b) * d.NH + hd) * d.S + t;
+  const float m = p.m_tok[o], den = p.den_tok[o], b_t = p.b_tok[o];
+  const float m_k = p.smk[(static_cast<int64_t>(b) * d.NH + hd) * (d.NC + 1) + t / d.L];
+  float dot = 0.f;
+  if (!d.stop_grad) {
+    const bf16* hh = p.h + tok * d.DV;
+    const bf16* hl = d.split ? p.h_lo + tok * d.DV : nullptr;
+    const bf16* dd = p.dh + tok * d.DV;
+    for (int j = lane * 8; j < d.DV; j += 256) {
+      const uint4 x = *reinterpret_cast<const uint4*>(hh + j);
+      const uint4 y = *reinterpret_cast<const uint4*>(dd + j);
+      const uint4 z = hl != nullptr ? *reinterpret_cast<const uint4*>(hl + j) : make_uint4(0, 0, 0, 0);
+      const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&x);
+      const __nv_bfloat162* yh = reinterpret_cast<const __nv_bfloat162*>(&y);
+      const __nv_bfloat162* zh = reinterpret_cast<const __nv_bfloat162*>(&z);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 a = __bfloat1622float2(xh[i]), bb = __bfloat1622float2(yh[i]);
+        const float2 lo = __bfloat1622float2(zh[i]);
+        dot += (a.x + lo.x) * bb.x + (a.y + lo.y) * bb.y;
+      }
+    }
+    dot = WarpSumT(dot);
+  }
+  if (lane != 0) return;
+  const float floor_v = __expf(-m);
+  const float inv = 1.f / (fmaxf(fabsf(den), floor_v) + d.eps);
+  const float G = d.scale * __expf(b_t + m_k - m);
+  float dden = 0.f, dm = 0.f;
+  if (!d.stop_grad) {
+    const float dd = -dot * inv;
+    dden = fabsf(den) >= floor_v ? (den >= 0.f ? dd : -dd) : 0.f;
+    dm = -dot * d.eps * inv;
+  }
+  p.inv_d[o] = inv;
+  p.dden[o] = dden;
+  p.dm[o] = dm;
+  p.coef[o] = G * inv;
+  p.ddc[o] = G * dden;
+}
+
 // bwd_prep with the dots given (MlstmChunkwiseBackwardWithDots: dots[tok] = dh·(h + h_lo) of
 // token-major tok = (b·S + t)·NH + hd, computed by the caller, e.g. the output norm's backward
 // that writes dh and reads h anyway). One thread per (head, token), head-major, so the five
