@@ -1525,23 +1525,26 @@ void CheckMamba2InProjSwitch() {
   (void)checked;
 }
 
-// The row stride of din [rows, kin] (helper m2130, session 21; measurement, opt-in). kin = d_inner
-// + conv channels + heads is 3352 at mamba2-130m, so din's rows (6704 bytes) start at 16-byte but
-// not 128-byte boundaries: every 64-element (128-byte) K box the du GEMM's TMA loads from a row
-// touches five 32-byte sectors instead of four, and the dW GEMM reads the same rows as its A.
-// Padding the stride (the padding columns are never written nor read: K and M stay kin) puts every
-// row on a 128-byte boundary, as the LM head's logits rows since session 19 (cross_entropy_notes.md).
-// GYRE_MAMBA_DIN_LD, read at every backward (so one process can alternate; the stride is part of
-// the GEMM plans' key): unset or "packed" = kin, "64" / "128" = kin rounded up to that many
-// elements; anything else is an error naming the accepted values.
+// The row stride of din [rows, kin] (helper m2130, session 21). kin = d_inner + conv channels +
+// heads is 3352 at mamba2-130m, so packed rows (6704 bytes) start at 16-byte but not 128-byte
+// boundaries, and every 64-element (128-byte) K box the du GEMM's TMA loads from a row straddles
+// two 128-byte lines; the dW GEMM reads the same rows as its A. The stride is padded to a multiple
+// of 64 elements (3392: rows of 6784 bytes, every one on a 128-byte boundary); the padding columns
+// are never written nor read (K of du and M of dW stay kin), so no FLOPs and +1.2% transient bytes.
+// cuBLASLt keeps the same kernels (a66 t24 / t29); measured on one H100 80GB HBM3 (gemm_notes.md
+// session 21, call 2): du + dW + the writers (gated norm bwd, conv bwd, ConvertRows) -0.2 to -0.5 ms
+// a step in every alternation, step median 90.04 -> 89.50 ms (4 of 4 rounds). Padding to 128
+// (3456) gave the same per-op times and 1 of 4 step rounds: not kept.
+// GYRE_MAMBA_DIN_LD, read at every backward (the stride is part of the GEMM plans' key, so one
+// process can alternate): unset or "64" = kin rounded up to 64, "packed" = kin (the previous
+// stride, for A/B); anything else is an error naming the accepted values.
 int64_t Mamba2InGradStride(int64_t kin) {
   const char* v = std::getenv("GYRE_MAMBA_DIN_LD");
   const std::string s = v != nullptr ? v : "";
-  if (s.empty() || s == "packed") return kin;
-  GYRE_CHECK(s == "64" || s == "128", "GYRE_MAMBA_DIN_LD must be packed, 64 or 128 (or unset), got '%s'",
-             s.c_str());
-  const int64_t align = s == "64" ? 64 : 128;
-  return (kin + align - 1) / align * align;
+  GYRE_CHECK(s.empty() || s == "64" || s == "packed",
+             "GYRE_MAMBA_DIN_LD must be 64 or packed (or unset = 64), got '%s'", s.c_str());
+  if (s == "packed") return kin;
+  return (kin + 63) / 64 * 64;
 }
 
 }  // namespace
