@@ -81,13 +81,15 @@ Tensor LinearRowsForward(const Tensor& x, Linear& l, int64_t r0, int64_t n, bool
 
 // dx [rows, in] (+)= dy [rows, n] · W[r0 : r0 + n, :];  dW[r0 : r0 + n, :] (+)= dyᵀ x (= when
 // `overwrite_dw`: the caller's FirstGradWrite of W, whose row blocks together cover all of dW).
+// `n` > 0: dy holds n columns in rows of dy.cols() (a padded row stride), else all of its columns.
 void LinearRowsBackward(const Tensor& x, Linear& l, int64_t r0, const Tensor& dy, Tensor* dx, bool accumulate,
-                        bool overwrite_dw) {
-  const int64_t rows = x.rows(), in = l.in(), n = dy.cols();
+                        bool overwrite_dw, int64_t n = 0) {
+  const int64_t rows = x.rows(), in = l.in(), ld = dy.cols();
+  if (n <= 0) n = ld;
   if (!dx->defined()) *dx = Tensor::Empty({rows, in}, DType::kBF16, Device::kCuda);
-  Mm(false, false, rows, in, n, dy.raw(), n, BytePtr(l.weight()->compute, r0 * in), in, dx->raw(), in, false,
+  Mm(false, false, rows, in, n, dy.raw(), ld, BytePtr(l.weight()->compute, r0 * in), in, dx->raw(), in, false,
      accumulate ? 1.f : 0.f);
-  Mm(true, false, n, in, rows, dy.raw(), n, x.raw(), in, MutBytePtr(l.weight()->grad, r0 * in), in, true,
+  Mm(true, false, n, in, rows, dy.raw(), ld, x.raw(), in, MutBytePtr(l.weight()->grad, r0 * in), in, true,
      overwrite_dw ? 0.f : 1.f);
 }
 
@@ -1523,6 +1525,28 @@ void CheckMamba2InProjSwitch() {
   (void)checked;
 }
 
+// The row stride of din [rows, kin] (helper m2130, session 21). kin = d_inner + conv channels +
+// heads is 3352 at mamba2-130m, so packed rows (6704 bytes) start at 16-byte but not 128-byte
+// boundaries, and every 64-element (128-byte) K box the du GEMM's TMA loads from a row straddles
+// two 128-byte lines; the dW GEMM reads the same rows as its A. The stride is padded to a multiple
+// of 64 elements (3392: rows of 6784 bytes, every one on a 128-byte boundary); the padding columns
+// are never written nor read (K of du and M of dW stay kin), so no FLOPs and +1.2% transient bytes.
+// cuBLASLt keeps the same kernels (a66 t24 / t29); measured on one H100 80GB HBM3 (gemm_notes.md
+// session 21, call 2): du + dW + the writers (gated norm bwd, conv bwd, ConvertRows) -0.2 to -0.5 ms
+// a step in every alternation, step median 90.04 -> 89.50 ms (4 of 4 rounds). Padding to 128
+// (3456) gave the same per-op times and 1 of 4 step rounds: not kept.
+// GYRE_MAMBA_DIN_LD, read at every backward (the stride is part of the GEMM plans' key, so one
+// process can alternate): unset or "64" = kin rounded up to 64, "packed" = kin (the previous
+// stride, for A/B); anything else is an error naming the accepted values.
+int64_t Mamba2InGradStride(int64_t kin) {
+  const char* v = std::getenv("GYRE_MAMBA_DIN_LD");
+  const std::string s = v != nullptr ? v : "";
+  GYRE_CHECK(s.empty() || s == "64" || s == "packed",
+             "GYRE_MAMBA_DIN_LD must be 64 or packed (or unset = 64), got '%s'", s.c_str());
+  if (s == "packed") return kin;
+  return (kin + 63) / 64 * 64;
+}
+
 }  // namespace
 
 Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
@@ -1532,8 +1556,8 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   ProfileMark("mamba2.bwd.out_proj");
   // din [rows, di + cx + H] = dz | dxBC | ddt (bf16), the whole in_proj output's gradient.
   CheckMamba2InProjSwitch();
-  const int64_t kin = di_ + cx + heads_;
-  Tensor din = CudaEmpty({rows, kin});
+  const int64_t kin = di_ + cx + heads_, ldin = Mamba2InGradStride(kin);
+  Tensor din = CudaEmpty({rows, ldin});  // columns kin..ldin: row padding, never written nor read
   Tensor dyy = CudaEmpty({rows, di_});
   GroupNormArgs n;
   n.mode = NormMode::kGatedInput;
@@ -1547,7 +1571,7 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   n.dy = dg.raw();
   n.dx = dyy.raw();
   n.dz = din.raw();
-  n.lddz = static_cast<int32_t>(kin);
+  n.lddz = static_cast<int32_t>(ldin);
   n.dweight = gated_norm_.weight()->grad.data<float>();
   n.overwrite_dparams = FirstWriteOverRows(rows, {gated_norm_.weight()});
   Cuda().GroupNorm(true, n);
@@ -1570,7 +1594,7 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   ZeroStaleGradsTogether({a_log_, dt_bias_, d_skip_});  // the SSD kernel accumulates (one memset: adjacent)
   Cuda().Ssd(true, a);
   ProfileMark("mamba2.bwd.ssd");
-  conv_.BackwardInto(dxbc_out, MutBytePtr(din, di_), kin);
+  conv_.BackwardInto(dxbc_out, MutBytePtr(din, di_), ldin);
   ProfileMark("mamba2.bwd.conv");
   Tensor du;
   const bool in_first = FirstWriteOverRows(rows, {in_proj_.weight()});  // rows z | xBC | dt: all of dW
@@ -1578,8 +1602,8 @@ Tensor Mamba2Block::BackwardCuda(const Tensor& dy) {
   // Convert plus a Copy2D of 48-byte rows that cost 0.57 ms a mamba2-130m step); then one du GEMM
   // over K = kin and one dW GEMM over all kin rows of W (dW = dinᵀ u sets every element: the
   // deferred-zero first write overwrites).
-  Cuda().ConvertRows(ddt.raw(), DType::kF32, heads_, MutBytePtr(din, di_ + cx), DType::kBF16, kin, rows, heads_);
-  LinearRowsBackward(u_, in_proj_, 0, din, &du, false, in_first);
+  Cuda().ConvertRows(ddt.raw(), DType::kF32, heads_, MutBytePtr(din, di_ + cx), DType::kBF16, ldin, rows, heads_);
+  LinearRowsBackward(u_, in_proj_, 0, din, &du, false, in_first, kin);
   ProfileMark("mamba2.bwd.in_proj");
   Tensor dx = norm_.BackwardAdd(du.Reshape(dy.shape()), dy);
   ProfileMark("mamba2.bwd.norm_residual");

@@ -1009,6 +1009,34 @@ TEST_F(RecurrentGpuTest, DeletedMamba2InProjSwitchValueIsAnError) {
   EXPECT_EXIT(Mamba2BackwardUnderInProjSwitch("fused"), ::testing::ExitedWithCode(0), "");
 }
 
+// GYRE_MAMBA_IN_BWD's neighbour GYRE_MAMBA_DIN_LD (helper m2130, read at every backward): din's
+// rows padded to a multiple of 64 elements (the default; kin 324 here -> 384, the padding columns
+// never written nor read) or packed (the previous stride). The block against float64 under each
+// explicit value, in the same bands as Mamba2Block above (which runs the default); then a bad value
+// is an error naming the accepted ones.
+TEST_F(RecurrentGpuTest, Mamba2BlockPaddedInGradStride) {
+  const ModelSpec s = SmallMamba2();
+  for (const char* v : {"64", "packed"}) {
+    setenv("GYRE_MAMBA_DIN_LD", v, /*overwrite=*/1);
+    CheckBlock(std::string("mamba2 din ld ") + v, s,
+               [&](const BuildContext& c) { return std::make_unique<Mamba2Block>(c, s, 3); }, 2, 100);
+  }
+  unsetenv("GYRE_MAMBA_DIN_LD");
+}
+
+[[noreturn]] void Mamba2BackwardUnderInGradStride(const char* value) {
+  setenv("GYRE_MAMBA_DIN_LD", value, /*overwrite=*/1);
+  BlockForwardBackwardOnCuda<Mamba2Block>(SmallMamba2());
+  std::exit(0);
+}
+
+TEST_F(RecurrentGpuTest, Mamba2InGradStrideBadValueIsAnError) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(Mamba2BackwardUnderInGradStride("128"),
+               "GYRE_MAMBA_DIN_LD must be 64 or packed \\(or unset = 64\\), got '128'");
+  EXPECT_EXIT(Mamba2BackwardUnderInGradStride("packed"), ::testing::ExitedWithCode(0), "");
+}
+
 // ---------------------------------------------------------------- fused conv + q/k/v forward
 
 // The mLSTM block's conv1d forward + q/k/v block-diagonal maps + gates in one launch
