@@ -29,6 +29,47 @@ std::string ReadAll(const std::string& path) {
   return s.str();
 }
 
+// Float64 pieces of the transformers references below, written from the exported files alone.
+// x [T, in] times W [out, in] transposed (nn.Linear).
+std::vector<double> Linear(const std::vector<double>& x, const std::vector<double>& w, int64_t T, int64_t in,
+                           int64_t out) {
+  std::vector<double> y(T * out, 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += x[t * in + i] * w[o * in + i];
+      y[t * out + o] = acc;
+    }
+  return y;
+}
+
+// RMSNorm (layer = false) or LayerNorm without bias (layer = true) over each of `groups` slices,
+// then the weight over all d features.
+std::vector<double> Norm(const std::vector<double>& x, const std::vector<double>& w, int64_t d, int64_t groups,
+                         bool layer, double eps) {
+  std::vector<double> y(x.size());
+  const int64_t gs = d / groups;
+  for (size_t r = 0; r < x.size() / d; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const double* row = &x[r * d + g * gs];
+      double mean = 0, var = 0;
+      if (layer) {
+        for (int64_t j = 0; j < gs; ++j) mean += row[j];
+        mean /= gs;
+      }
+      for (int64_t j = 0; j < gs; ++j) var += (row[j] - mean) * (row[j] - mean);
+      const double inv = 1 / std::sqrt(var / gs + eps);
+      for (int64_t j = 0; j < gs; ++j) y[r * d + g * gs + j] = w[g * gs + j] * ((row[j] - mean) * inv);
+    }
+  return y;
+}
+
+// RMSNorm of rows of d features, each of `groups` equal slices normalised on its own.
+std::vector<double> RmsNorm(const std::vector<double>& x, const std::vector<double>& w, int64_t d, int64_t groups,
+                            double eps) {
+  return Norm(x, w, d, groups, /*layer=*/false, eps);
+}
+
 // transformers' LlamaForCausalLM forward (modeling_llama.py: RMSNorm in fp32, rotate_half RoPE
 // with inv_freq = theta^(-2i/D), repeat_kv for GQA, causal softmax(q k / sqrt(D)), SwiGLU MLP),
 // written from the exported files alone in float64: it knows nothing about ops/.
@@ -47,7 +88,7 @@ class HfLlamaReference {
       for (int64_t j = 0; j < d; ++j) h[t * d + j] = emb[ids[t] * d + j];
     for (int64_t l = 0; l < L; ++l) {
       const std::string p = "model.layers." + std::to_string(l) + ".";
-      std::vector<double> a = RmsNorm(h, Get(p + "input_layernorm.weight"), d, eps);
+      std::vector<double> a = RmsNorm(h, Get(p + "input_layernorm.weight"), d, 1, eps);
       std::vector<double> q = Linear(a, Get(p + "self_attn.q_proj.weight"), T, d, H * D);
       std::vector<double> k = Linear(a, Get(p + "self_attn.k_proj.weight"), T, d, Hk * D);
       std::vector<double> v = Linear(a, Get(p + "self_attn.v_proj.weight"), T, d, Hk * D);
@@ -72,7 +113,7 @@ class HfLlamaReference {
       }
       std::vector<double> attn = Linear(o, Get(p + "self_attn.o_proj.weight"), T, H * D, d);
       for (int64_t i = 0; i < T * d; ++i) h[i] += attn[i];
-      std::vector<double> m = RmsNorm(h, Get(p + "post_attention_layernorm.weight"), d, eps);
+      std::vector<double> m = RmsNorm(h, Get(p + "post_attention_layernorm.weight"), d, 1, eps);
       const int64_t F = c_["intermediate_size"];
       std::vector<double> g = Linear(m, Get(p + "mlp.gate_proj.weight"), T, d, F);
       std::vector<double> u = Linear(m, Get(p + "mlp.up_proj.weight"), T, d, F);
@@ -80,7 +121,7 @@ class HfLlamaReference {
       std::vector<double> down = Linear(g, Get(p + "mlp.down_proj.weight"), T, F, d);
       for (int64_t i = 0; i < T * d; ++i) h[i] += down[i];
     }
-    std::vector<double> n = RmsNorm(h, Get("model.norm.weight"), d, eps);
+    std::vector<double> n = RmsNorm(h, Get("model.norm.weight"), d, 1, eps);
     return Linear(n, Get(c_["tie_word_embeddings"] ? "model.embed_tokens.weight" : "lm_head.weight"), T, d, V);
   }
 
@@ -93,28 +134,6 @@ class HfLlamaReference {
     const float* f = reinterpret_cast<const float*>(it->second.bytes.data());
     for (size_t i = 0; i < out.size(); ++i) out[i] = f[i];
     return out;
-  }
-  static std::vector<double> RmsNorm(const std::vector<double>& x, const std::vector<double>& w, int64_t d, double eps) {
-    std::vector<double> y(x.size());
-    for (size_t r = 0; r < x.size() / d; ++r) {
-      double ms = 0;
-      for (int64_t j = 0; j < d; ++j) ms += x[r * d + j] * x[r * d + j];
-      const double inv = 1 / std::sqrt(ms / d + eps);
-      for (int64_t j = 0; j < d; ++j) y[r * d + j] = w[j] * (x[r * d + j] * inv);
-    }
-    return y;
-  }
-  // x [T, in] times W [out, in] transposed (nn.Linear).
-  static std::vector<double> Linear(const std::vector<double>& x, const std::vector<double>& w, int64_t T, int64_t in,
-                                    int64_t out) {
-    std::vector<double> y(T * out, 0.0);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < out; ++o) {
-        double acc = 0;
-        for (int64_t i = 0; i < in; ++i) acc += x[t * in + i] * w[o * in + i];
-        y[t * out + o] = acc;
-      }
-    return y;
   }
   static void Rope(std::vector<double>* x, int64_t T, int64_t heads, int64_t D, double theta) {
     for (int64_t t = 0; t < T; ++t)
@@ -219,32 +238,6 @@ class HfMamba2Reference {
 
  private:
   static double Silu(double x) { return x / (1 + std::exp(-x)); }
-  // RMSNorm of rows of d features, each of `groups` equal slices normalised on its own.
-  static std::vector<double> RmsNorm(const std::vector<double>& x, const std::vector<double>& w, int64_t d,
-                                     int64_t groups, double eps) {
-    std::vector<double> y(x.size());
-    const int64_t gs = d / groups;
-    for (size_t r = 0; r < x.size() / d; ++r)
-      for (int64_t g = 0; g < groups; ++g) {
-        const double* row = &x[r * d + g * gs];
-        double ms = 0;
-        for (int64_t j = 0; j < gs; ++j) ms += row[j] * row[j];
-        const double inv = 1 / std::sqrt(ms / gs + eps);
-        for (int64_t j = 0; j < gs; ++j) y[r * d + g * gs + j] = w[g * gs + j] * (row[j] * inv);
-      }
-    return y;
-  }
-  static std::vector<double> Linear(const std::vector<double>& x, const std::vector<double>& w, int64_t T, int64_t in,
-                                    int64_t out) {
-    std::vector<double> y(T * out, 0.0);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < out; ++o) {
-        double acc = 0;
-        for (int64_t i = 0; i < in; ++i) acc += x[t * in + i] * w[o * in + i];
-        y[t * out + o] = acc;
-      }
-    return y;
-  }
   std::map<std::string, SafetensorsTensor> w_;
   nlohmann::json c_;
   int64_t norm_groups_;
@@ -350,37 +343,6 @@ class HfXlstmLargeReference {
         x = cap_after_bias_ ? cap * std::tanh((x + b[hh]) / cap) : cap * std::tanh(x / cap) + b[hh];
       }
     return g;
-  }
-  // RMSNorm (layer = false) or LayerNorm without bias (layer = true) over each of `groups` slices,
-  // then the weight over all d features.
-  static std::vector<double> Norm(const std::vector<double>& x, const std::vector<double>& w, int64_t d, int64_t groups,
-                                  bool layer, double eps) {
-    std::vector<double> y(x.size());
-    const int64_t gs = d / groups;
-    for (size_t r = 0; r < x.size() / d; ++r)
-      for (int64_t g = 0; g < groups; ++g) {
-        const double* row = &x[r * d + g * gs];
-        double mean = 0, var = 0;
-        if (layer) {
-          for (int64_t j = 0; j < gs; ++j) mean += row[j];
-          mean /= gs;
-        }
-        for (int64_t j = 0; j < gs; ++j) var += (row[j] - mean) * (row[j] - mean);
-        const double inv = 1 / std::sqrt(var / gs + eps);
-        for (int64_t j = 0; j < gs; ++j) y[r * d + g * gs + j] = w[g * gs + j] * ((row[j] - mean) * inv);
-      }
-    return y;
-  }
-  static std::vector<double> Linear(const std::vector<double>& x, const std::vector<double>& w, int64_t T, int64_t in,
-                                    int64_t out) {
-    std::vector<double> y(T * out, 0.0);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t o = 0; o < out; ++o) {
-        double acc = 0;
-        for (int64_t i = 0; i < in; ++i) acc += x[t * in + i] * w[o * in + i];
-        y[t * out + o] = acc;
-      }
-    return y;
   }
   std::map<std::string, SafetensorsTensor> w_;
   nlohmann::json c_;
