@@ -238,6 +238,72 @@ LinearCrossEntropyArgs LceArgs(int64_t N, int64_t d, int64_t V, const bf16* h, c
   return a;
 }
 
+// The row pass alone (CrossEntropyRows over `rows` = min(16384, N) rows of one logits fill; values
+// change after the first pass — G over G — which costs the same: no data-dependent branch but the
+// target's group), modes alternating within each of `rounds` rounds, G in place then loss only,
+// each mode reading the buffer with its own row stride; one line per mode and kind, "<label> | ...".
+void TimeRowPasses(const char* label, GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d,
+                   int64_t V, const bf16* h, const bf16* w, int modes, const char* const* names,
+                   const std::function<LinearCrossEntropyArgs(int)>& args_for, int rounds) {
+  const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;  // the fill's stride
+  int64_t widest = ld;
+  for (int i = 0; i < modes; ++i) widest = std::max(widest, LogitsRowStride(args_for(i)));
+  DeviceBuffer lg;
+  CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * widest, &lg));
+  CUDA_OK_OR_DIE(gemm->Gemm(LogitsGemm(rows, d, V, h, w, lg.get(), ld, DType::kBf16), nullptr));
+  std::vector<std::vector<double>> ms[2];
+  for (auto& m : ms) m.resize(modes);
+  for (int r = 0; r < rounds; ++r) {
+    for (int grad = 1; grad >= 0; --grad) {
+      for (int i = 0; i < modes; ++i) {
+        const LinearCrossEntropyArgs a = args_for(i);
+        const int64_t ld_i = LogitsRowStride(a);
+        ms[grad][i].push_back(
+            TimeMs(timer, [&]() { return CrossEntropyRows(lg.as<bf16>(), ld_i, rows, a, grad == 1, nullptr); }));
+      }
+    }
+  }
+  const double bytes_grad = 4.0 * rows * V, bytes_loss = 2.0 * rows * V;
+  for (int grad = 1; grad >= 0; --grad) {
+    for (int i = 0; i < modes; ++i) {
+      std::vector<double> v = ms[grad][i];
+      std::sort(v.begin(), v.end());
+      std::string rounds_s;
+      for (double x : ms[grad][i]) rounds_s += " " + std::to_string(x).substr(0, 6);
+      const double med = v[v.size() / 2];
+      std::printf("%s | %-17s | %ld rows, %s | median %7.4f ms | min %7.4f | %5.2f TB/s | rounds:%s\n", label,
+                  names[i], (long)rows, grad ? "G in place" : "loss only ", med, v.front(),
+                  (grad ? bytes_grad : bytes_loss) / med * 1e-9, rounds_s.c_str());
+    }
+  }
+  std::fflush(stdout);
+}
+
+// The whole LinearCrossEntropy call, modes alternating within each of `rounds` rounds (each a
+// median of timer.reps); one line per mode, "<label> | ... whole call".
+void TimeWholeCalls(const char* label, GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, int64_t d,
+                    int64_t V, int modes, const char* const* names,
+                    const std::function<LinearCrossEntropyArgs(int)>& args_for, int rounds) {
+  std::vector<std::vector<double>> ms(modes);
+  for (int r = 0; r < rounds; ++r) {
+    for (int i = 0; i < modes; ++i) {
+      const LinearCrossEntropyArgs a = args_for(i);
+      ms[i].push_back(TimeMs(timer, [&]() { return LinearCrossEntropy(gemm, alloc, a, nullptr); }));
+    }
+  }
+  const double flops = 3 * 2.0 * N * V * d;
+  for (int i = 0; i < modes; ++i) {
+    std::vector<double> v = ms[i];
+    std::sort(v.begin(), v.end());
+    std::string rounds_s;
+    for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
+    std::printf("%s | N=%ld d=%ld V=%ld | whole call, %-16s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n",
+                label, (long)N, (long)d, (long)V, names[i], v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9,
+                rounds_s.c_str());
+  }
+  std::fflush(stdout);
+}
+
 // The vocabulary split (LinearCrossEntropyArgs::vocab_split, kernels/cuda/cross_entropy_notes.md
 // session 20) at the model's call (chunk 16384, overwrite dW, the default padded stride and
 // rounded plans): unsplit (the default before session 20), split where the rounded plan is
@@ -314,57 +380,9 @@ void RowsAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N, 
   }
   std::fflush(stdout);
   for (Out& o : outs) o = Out();
-  // 2. The row pass alone (values change after the first pass — G over G — which costs the same;
-  // each mode reads the buffer with its own row stride).
-  if (rows_pass) {
-    const int64_t rows = std::min<int64_t>(16384, N), ld = (V + 7) / 8 * 8;  // the fill's stride
-    DeviceBuffer lg;
-    CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * LogitsRowStride(args_for(kModes - 1)), &lg));
-    CUDA_OK_OR_DIE(gemm->Gemm(LogitsGemm(rows, d, V, h, w, lg.get(), ld, DType::kBf16), nullptr));
-    std::vector<double> ms[kModes][2];
-    for (int r = 0; r < rounds; ++r) {
-      for (int grad = 1; grad >= 0; --grad) {
-        for (int i = 0; i < kModes; ++i) {
-          const LinearCrossEntropyArgs a = args_for(i);
-          const int64_t ld_i = LogitsRowStride(a);
-          ms[i][grad].push_back(
-              TimeMs(timer, [&]() { return CrossEntropyRows(lg.as<bf16>(), ld_i, rows, a, grad == 1, nullptr); }));
-        }
-      }
-    }
-    const double bytes_grad = 4.0 * rows * V, bytes_loss = 2.0 * rows * V;
-    for (int grad = 1; grad >= 0; --grad) {
-      for (int i = 0; i < kModes; ++i) {
-        std::vector<double> v = ms[i][grad];
-        std::sort(v.begin(), v.end());
-        std::string rounds_s;
-        for (double x : ms[i][grad]) rounds_s += " " + std::to_string(x).substr(0, 6);
-        const double med = v[v.size() / 2];
-        std::printf("rows | %-17s | %ld rows, %s | median %7.4f ms | min %7.4f | %5.2f TB/s | rounds:%s\n", names[i],
-                    (long)rows, grad ? "G in place" : "loss only ", med, v.front(),
-                    (grad ? bytes_grad : bytes_loss) / med * 1e-9, rounds_s.c_str());
-      }
-    }
-    std::fflush(stdout);
-  }
-  // 3. The whole call.
-  std::vector<double> ms[kModes];
-  for (int r = 0; r < rounds; ++r) {
-    for (int i = 0; i < kModes; ++i) {
-      const LinearCrossEntropyArgs a = args_for(i);
-      ms[i].push_back(TimeMs(timer, [&]() { return LinearCrossEntropy(gemm, alloc, a, nullptr); }));
-    }
-  }
-  const double flops = 3 * 2.0 * N * V * d;
-  for (int i = 0; i < kModes; ++i) {
-    std::vector<double> v = ms[i];
-    std::sort(v.begin(), v.end());
-    std::string rounds_s;
-    for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
-    std::printf("ab | N=%ld d=%ld V=%ld | whole call, %-14s | median %7.3f ms | min %7.3f | %6.1f TFLOP/s | rounds:%s\n", (long)N,
-                (long)d, (long)V, names[i], v[v.size() / 2], v.front(), flops / v[v.size() / 2] * 1e-9, rounds_s.c_str());
-  }
-  std::fflush(stdout);
+  // 2. The row pass alone; 3. the whole call.
+  if (rows_pass) TimeRowPasses("rows", gemm, alloc, timer, N, d, V, h, w, kModes, names, args_for, rounds);
+  TimeWholeCalls("ab", gemm, alloc, timer, N, d, V, kModes, names, args_for, rounds);
 }
 
 // The three GEMMs of the model's call (first chunk: chunk = min(N, 16384) rows, dW overwritten at
@@ -481,56 +499,8 @@ void CappedAb(GemmContext* gemm, DeviceAllocator* alloc, Timer& timer, int64_t N
     a.logit_soft_cap = mode == 0 ? 0.f : cap;
     return a;
   };
-  {
-    const int64_t rows = std::min<int64_t>(16384, N);
-    const LinearCrossEntropyArgs a0 = args_for(0);
-    const int64_t ld = LogitsRowStride(a0);
-    DeviceBuffer lg;
-    CUDA_OK_OR_DIE(alloc->Allocate(sizeof(bf16) * rows * ld, &lg));
-    // The logits once; later passes run over G (the row pass's work does not depend on the values:
-    // no data-dependent branch but the target's group).
-    CUDA_OK_OR_DIE(gemm->Gemm(LogitsGemm(rows, d, V, h, w, lg.get(), ld, DType::kBf16), nullptr));
-    std::vector<double> ms[kModes][2];
-    for (int r = 0; r < rounds; ++r) {
-      for (int grad = 1; grad >= 0; --grad) {
-        for (int i = 0; i < kModes; ++i) {
-          const LinearCrossEntropyArgs a = args_for(i);
-          ms[i][grad].push_back(
-              TimeMs(timer, [&]() { return CrossEntropyRows(lg.as<bf16>(), ld, rows, a, grad == 1, nullptr); }));
-        }
-      }
-    }
-    const double bytes_grad = 4.0 * rows * V, bytes_loss = 2.0 * rows * V;
-    for (int grad = 1; grad >= 0; --grad) {
-      for (int i = 0; i < kModes; ++i) {
-        std::vector<double> v = ms[i][grad];
-        std::sort(v.begin(), v.end());
-        std::string rounds_s;
-        for (double x : ms[i][grad]) rounds_s += " " + std::to_string(x).substr(0, 6);
-        const double med = v[v.size() / 2];
-        std::printf("capped rows | %-16s | %ld rows, %s | median %7.4f ms | min %7.4f | %5.2f TB/s | rounds:%s\n",
-                    names[i], (long)rows, grad ? "G in place" : "loss only ", med, v.front(),
-                    (grad ? bytes_grad : bytes_loss) / med * 1e-9, rounds_s.c_str());
-      }
-    }
-    std::fflush(stdout);
-  }
-  std::vector<double> ms[kModes];
-  for (int r = 0; r < rounds; ++r) {
-    for (int i = 0; i < kModes; ++i) {
-      const LinearCrossEntropyArgs a = args_for(i);
-      ms[i].push_back(TimeMs(timer, [&]() { return LinearCrossEntropy(gemm, alloc, a, nullptr); }));
-    }
-  }
-  for (int i = 0; i < kModes; ++i) {
-    std::vector<double> v = ms[i];
-    std::sort(v.begin(), v.end());
-    std::string rounds_s;
-    for (double x : ms[i]) rounds_s += " " + std::to_string(x).substr(0, 6);
-    std::printf("capped ab | N=%ld d=%ld V=%ld | whole call, %-16s | median %7.3f ms | min %7.3f | rounds:%s\n",
-                (long)N, (long)d, (long)V, names[i], v[v.size() / 2], v.front(), rounds_s.c_str());
-  }
-  std::fflush(stdout);
+  TimeRowPasses("capped rows", gemm, alloc, timer, N, d, V, h, w, kModes, names, args_for, rounds);
+  TimeWholeCalls("capped ab", gemm, alloc, timer, N, d, V, kModes, names, args_for, rounds);
 }
 
 int Main(int argc, char** argv) {
