@@ -11,14 +11,17 @@
 
 #include "gtest/gtest.h"
 #include "ops/elementwise.h"
-#include "ops/gradcheck.h"
+#include "ops/block_gradcheck.h"
 #include "ops/model.h"
 #include "ops/rng.h"
 
 namespace gyre::ops {
 namespace {
 
+using testing::CheckBlock;
 using testing::CheckGradient;
+using testing::Perturb;
+using testing::SetParam;
 using testing::Inner;
 using testing::RandomTensor;
 
@@ -39,38 +42,6 @@ ModelSpec Spec() {
   s.ssm_groups = 2;
   s.ssm_chunk = 3;
   return s;
-}
-
-void Perturb(ParamStore* store, Rng* rng, double scale) {
-  for (Parameter* p : store->All())
-    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.Set(i, p->value.At(i) + scale * rng->Normal());
-}
-
-void SetParam(ParamStore* store, const std::string& name, const std::function<double(int64_t)>& value) {
-  Parameter* p = store->Find(name);
-  GYRE_CHECK(p != nullptr, "no parameter %s", name.c_str());
-  for (int64_t i = 0; i < p->value.numel(); ++i) p->value.Set(i, value(i));
-}
-
-// floor: see CheckGradient. Extreme-gate cases use 0.1: parameters behind a saturated gate have
-// true gradient norms of 1e-7 .. 1e-22, where central differences (h = 1e-6, double) are pure
-// round-off, measured ~1e-8 in norm (the error falls 100x when h grows 100x); so those are
-// checked to an absolute 1e-7, while every parameter with gradient norm above 0.1 is still
-// checked to a relative 1e-6.
-void CheckBlock(Block* block, ParamStore* store, Rng* rng, int64_t batch, int64_t seq, int64_t d, double floor = 0.0) {
-  const double tol = 1e-6;
-  Tensor x = RandomTensor({batch, seq, d}, rng);
-  Tensor y = block->Forward(x, batch, seq);
-  for (int64_t i = 0; i < y.numel(); ++i) ASSERT_TRUE(std::isfinite(y.At(i)));
-  Tensor dy = RandomTensor(y.shape(), rng);
-  store->ZeroGrad();
-  Tensor dx = block->Backward(dy);
-  auto loss = [&] { return Inner(block->Forward(x, batch, seq), dy); };
-  EXPECT_LT(CheckGradient(loss, &x, dx, 200, 1e-6, floor), tol) << "input";
-  for (Parameter* p : store->All()) {
-    Tensor analytic = p->grad.Clone();
-    EXPECT_LT(CheckGradient(loss, &p->value, analytic, 60, 1e-6, floor), tol) << p->name;
-  }
 }
 
 TEST(MlstmBlockTest, BackwardMatchesFiniteDifferences) {

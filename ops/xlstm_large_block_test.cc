@@ -13,13 +13,16 @@
 #include "gtest/gtest.h"
 #include "ops/cross_entropy.h"
 #include "ops/elementwise.h"
-#include "ops/gradcheck.h"
+#include "ops/block_gradcheck.h"
 #include "ops/rng.h"
 
 namespace gyre::ops {
 namespace {
 
+using testing::CheckBlock;
 using testing::CheckGradient;
+using testing::Perturb;
+using testing::SetParam;
 using testing::Inner;
 using testing::RandomTensor;
 
@@ -37,37 +40,8 @@ ModelSpec Spec() {
   return s;
 }
 
-void Perturb(ParamStore* store, Rng* rng, double scale) {
-  for (Parameter* p : store->All())
-    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.Set(i, p->value.At(i) + scale * rng->Normal());
-}
-
-void SetParam(ParamStore* store, const std::string& name, const std::function<double(int64_t)>& value) {
-  Parameter* p = store->Find(name);
-  GYRE_CHECK(p != nullptr, "no parameter %s", name.c_str());
-  for (int64_t i = 0; i < p->value.numel(); ++i) p->value.Set(i, value(i));
-}
-
-// floor: gradcheck.h (0.1 where gates saturate: there the true gradients of the parameters behind
-// them are ~1e-10 and central differences are round-off, so they are checked absolutely).
-void CheckBlock(Block* block, ParamStore* store, Rng* rng, int64_t batch, int64_t seq, int64_t d, double floor = 0.0) {
-  const double tol = 1e-6;
-  Tensor x = RandomTensor({batch, seq, d}, rng);
-  Tensor y = block->Forward(x, batch, seq);
-  for (int64_t i = 0; i < y.numel(); ++i) ASSERT_TRUE(std::isfinite(y.At(i)));
-  Tensor dy = RandomTensor(y.shape(), rng);
-  store->ZeroGrad();
-  Tensor dx = block->Backward(dy);
-  auto loss = [&] { return Inner(block->Forward(x, batch, seq), dy); };
-  EXPECT_LT(CheckGradient(loss, &x, dx, 200, 1e-6, floor), tol) << "input";
-  int checked = 0;
-  for (Parameter* p : store->All()) {
-    Tensor analytic = p->grad.Clone();
-    EXPECT_LT(CheckGradient(loss, &p->value, analytic, 60, 1e-6, floor), tol) << p->name;
-    ++checked;
-  }
-  EXPECT_EQ(checked, 15);  // 2 RMSNorms, q k v o, 2 gates (w + b each), head norm, out_proj, 3 FFN
-}
+// 2 RMSNorms, q k v o, 2 gates (w + b each), head norm, out_proj, 3 FFN.
+constexpr int kParams = 15;
 
 TEST(XlstmLargeBlockTest, ParameterNamesAndCount) {
   Rng rng(1);
@@ -93,7 +67,7 @@ TEST(XlstmLargeBlockTest, BackwardMatchesFiniteDifferences) {
   ParamStore store(DType::kF64, Device::kCpu);
   XlstmLargeBlock block({&store, &rng, "b"}, Spec(), 2);
   Perturb(&store, &rng, 0.3);
-  CheckBlock(&block, &store, &rng, 2, 7, 8);
+  EXPECT_EQ(CheckBlock(&block, &store, &rng, 2, 7, 8), kParams);
 }
 
 // The gate pre-activations far beyond the cap (raw ±40 -> capped ±14.8, slope sech²(8/3) = 0.019)
@@ -108,7 +82,7 @@ TEST(XlstmLargeBlockTest, ExtremeGatePreActivations) {
       Perturb(&store, &rng, 0.3);
       SetParam(&store, "b.mlstm.igate_preact.bias", [&](int64_t i) { return ib + i; });
       SetParam(&store, "b.mlstm.fgate_preact.bias", [&](int64_t i) { return fb - i; });
-      CheckBlock(&block, &store, &rng, 1, 7, 8, 0.1);
+      EXPECT_EQ(CheckBlock(&block, &store, &rng, 1, 7, 8, 0.1), kParams);
     }
   }
 }

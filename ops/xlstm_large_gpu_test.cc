@@ -80,27 +80,6 @@ ModelSpec Xlstm125mBlocks(int64_t chunk) {
   return s;
 }
 
-// Every gradient against the float64 reference (gpu_check.h CheckGrads), except the gate biases,
-// sums over tokens of recorded terms (SetXlstmLargeGateTermRecording): those pass at rel_err <= tol
-// OR terms_err = ||got − want|| / ||Σ_tokens |term||| <= 1e-2 (ops/DT_BIAS_CHECK.md), and print both.
-bool CheckGradsWithTerms(const ParamStore& gpu, ParamStore& cpu, const std::string& prefix, double tol,
-                         const std::vector<Mamba2GradTerms>& terms) {
-  bool ok = true;
-  for (const Parameter* g : gpu.All()) {
-    const std::vector<double> abs_sums = SumAbsTerms(terms, g->name);
-    if (abs_sums.empty()) {
-      ok &= Check(prefix + " d" + g->name, g->grad, cpu.Find(g->name)->grad, tol);
-      continue;
-    }
-    const SumOfTermsCheck c = CheckSumOfTerms(g->grad, cpu.Find(g->name)->grad, abs_sums, tol, 1e-2);
-    std::printf("[%s] %s d%s %s rel_err %.3e tol %.0e | terms_err %.3e tol 1e-02 (sum/sum|terms| %.3f)\n",
-                c.pass ? "PASS" : "FAIL", prefix.c_str(), g->name.c_str(), ShapeString(g->grad.shape()).c_str(),
-                c.rel_err, tol, c.terms_err, c.cancel);
-    ok &= c.pass;
-  }
-  return ok;
-}
-
 // Gate weights N(0, 0.03), biases N(0, 1) (input) and 4 + N(0, 1) (forget): varying, well
 // conditioned gates (see the top). Norm scales 1 + N(0, 0.3). On a CUDA store, before rounding.
 void RandomizeGatesAndNorms(ParamStore& store, Rng* rng) {
