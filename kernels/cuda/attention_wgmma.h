@@ -35,6 +35,14 @@ struct WgmmaFwdParams {
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream);
 
+// The D 64 plain / fused-RoPE forward with kC consumer warpgroups and kStages K / V stages
+// (attention_fwd64.cu; opt-in through GYRE_ATTN_FWD64, read per call by
+// LaunchAttentionForwardWgmma): *variant 0 = the switch unset or 0 (attn_fwd_ws_kernel), 1..4 =
+// c2s2, c2s4, c3s2, c3s3 (consumer warpgroups, stages); another value is an error.
+CudaResult AttentionForwardFwd64FromEnv(int* variant);
+CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch, int variant,
+                                       cudaStream_t stream);
+
 // Backward main kernel (dK, dV, dQ accumulation) on wgmma; the caller runs attention.cu's prep
 // kernel (dvec = rowsum(dout ∘ out), dq_acc zeroed) before and its dq conversion after.
 struct WgmmaBwdParams {
