@@ -115,7 +115,7 @@ __device__ __forceinline__ void Fwd64RopeOwnQRows(const WgmmaFwdParams& p, unsig
   NamedBarrierSync(bar, 128);
 }
 
-template <int kC, int kStages>
+template <int kC, int kStages, bool kRing>
 __global__ void __launch_bounds__(128 * (kC + 1), 1)
     attn_fwd64_kernel(const WgmmaFwdParams p, const __grid_constant__ Fwd64Maps maps,
                       const int head_group) {
@@ -210,10 +210,18 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   // Turn ring: barrier 1 + c (256 threads: warpgroup c syncs, its predecessor arrives).
   const int my_turn = 1 + cwg, next_turn = 1 + (cwg + 1) % kC;
   const int stage_bar = 1 + kC + cwg;  // this warpgroup's own (128 threads)
-  auto pass_turn = [&](int u) {  // the last turn of the ring's last member has no taker
-    if (!(cwg == kC - 1 && u == total - 1)) NamedBarArrive(next_turn, 256);
+  // kRing false (c3s2f): no ring, every warpgroup issues its GEMMs when its own step is ready.
+  auto take_turn = [&] {
+    if constexpr (kRing) NamedBarrierSync(my_turn, 256);
   };
-  if (cwg == kC - 1) NamedBarArrive(1, 256);  // warpgroup 0 takes the first turn
+  auto pass_turn = [&](int u) {  // the last turn of the ring's last member has no taker
+    if constexpr (kRing) {
+      if (!(cwg == kC - 1 && u == total - 1)) NamedBarArrive(next_turn, 256);
+    }
+  };
+  if constexpr (kRing) {
+    if (cwg == kC - 1) NamedBarArrive(1, 256);  // warpgroup 0 takes the first turn
+  }
 
   float o[kD / 2];
 #pragma unroll
@@ -304,7 +312,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
       MbWait(q_full, 0);
     }
     MbWait(k_full(0), 0);
-    NamedBarrierSync(my_turn, 256);
+    take_turn();
     WgmmaFence();
     issue_scores(sK(0));
     pass_turn(0);
@@ -321,7 +329,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   for (; u < my_total; ++u) {
     MbWait(k_full(stage(u)), phase(u));
     MbWait(v_full(stage(u - 1)), phase(u - 1));
-    NamedBarrierSync(my_turn, 256);
+    take_turn();
     WgmmaFence();
     issue_scores(sK(stage(u)));
     issue_pv(u - 1);
@@ -349,7 +357,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
     // Past this warpgroup's last tile: its last P V in the first of the remaining turns, then
     // turns passed on and stages released (each after it landed).
     MbWait(v_full(stage(u - 1)), phase(u - 1));
-    NamedBarrierSync(my_turn, 256);
+    take_turn();
     WgmmaFence();
     issue_pv(u - 1);
     pass_turn(u);
@@ -360,7 +368,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
     FenceRegs(pa);
     MbArrive(v_empty(stage(u - 1)));
     for (++u; u < total; ++u) {
-      NamedBarrierSync(my_turn, 256);
+      take_turn();
       pass_turn(u);
       MbWait(k_full(stage(u)), phase(u));
       MbArrive(k_empty(stage(u)));
@@ -411,11 +419,11 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   }
 }
 
-template <int kC, int kStages>
+template <int kC, int kStages, bool kRing = true>
 CudaResult LaunchFwd64(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
   constexpr int smem = Fwd64SmemBytes<kC, kStages>();
   constexpr int kBM = 64 * kC;
-  auto* kernel = attn_fwd64_kernel<kC, kStages>;
+  auto* kernel = attn_fwd64_kernel<kC, kStages, kRing>;
   CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   Fwd64Maps maps{};
@@ -436,18 +444,22 @@ CudaResult LaunchFwd64(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stre
 }  // namespace
 
 CudaResult AttentionForwardFwd64FromEnv(int* variant) {
-  *variant = 0;
+  *variant = 3;  // the default: c3s2
   const char* value = std::getenv("GYRE_ATTN_FWD64");
-  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "0") == 0) return {};
-  static constexpr const char* kNames[] = {"c2s2", "c2s4", "c3s2", "c3s3"};
-  for (int i = 0; i < 4; ++i) {
+  if (value == nullptr || value[0] == '\0') return {};
+  if (std::strcmp(value, "ws") == 0) {  // attention_wgmma.cu's attn_fwd_ws_kernel<64, false>
+    *variant = 0;
+    return {};
+  }
+  static constexpr const char* kNames[] = {"c2s2", "c2s4", "c3s2", "c3s3", "c3s2f"};
+  for (int i = 0; i < 5; ++i) {
     if (std::strcmp(value, kNames[i]) == 0) {
       *variant = i + 1;
       return {};
     }
   }
-  return {1, std::string("GYRE_ATTN_FWD64 must be unset, 0, c2s2, c2s4, c3s2 or c3s3, got '") +
-                 value + "'"};
+  return {1, std::string("GYRE_ATTN_FWD64 must be unset, ws, c2s2, c2s4, c3s2, c3s3 or c3s2f, "
+                         "got '") + value + "'"};
 }
 
 CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch, int variant,
@@ -457,6 +469,7 @@ CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch, i
     case 2: return LaunchFwd64<2, 4>(p, batch, stream);
     case 3: return LaunchFwd64<3, 2>(p, batch, stream);
     case 4: return LaunchFwd64<3, 3>(p, batch, stream);
+    case 5: return LaunchFwd64<3, 2, /*kRing=*/false>(p, batch, stream);
     default: return {1, "LaunchAttentionForwardFwd64: unknown variant"};
   }
 }

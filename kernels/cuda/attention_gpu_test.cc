@@ -550,8 +550,8 @@ TEST(AttentionGpuTest, StepLayoutMatchFloat64Reference) {
   EXPECT_EQ(failures, 0);
 }
 
-// The D 64 forward's opt-in tilings (GYRE_ATTN_FWD64, attention_fwd64.cu, read per call): each
-// variant in turn (or only the one set in the environment), on the edges of 192-row blocks with
+// The D 64 forward's tilings (GYRE_ATTN_FWD64, attention_fwd64.cu, read per call; unset = c3s2,
+// ws = the previous default): each value in turn (or only the one set in the environment), on the edges of 192-row blocks with
 // 128-key tiles: T a multiple of 192 but not of 128 (576), of both (384 + 2048: the last block's
 // third warpgroup wholly past T, the lower warpgroups skipping trailing tiles), T 191 / 193 (one
 // row short / over a block), GQA, fused strides, the fused RoPE (R = D and R < D), odd T.
@@ -560,7 +560,7 @@ TEST(AttentionGpuTest, Fwd64TilingsMatchFloat64Reference) {
   DeviceAllocator alloc;
   const char* preset = std::getenv("GYRE_ATTN_FWD64");
   const std::string keep = preset != nullptr ? preset : "";
-  std::vector<std::string> variants = {"", "c2s2", "c2s4", "c3s2", "c3s3"};
+  std::vector<std::string> variants = {"", "ws", "c2s2", "c2s4", "c3s3", "c3s2f"};
   if (preset != nullptr) variants = {keep};
   int failures = 0, checks = 0;
   for (const std::string& v : variants) {

@@ -621,7 +621,7 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream) {
   if (head_dim == 64) {
-    if (!self_extend) {  // GYRE_ATTN_FWD64: attention_fwd64.cu's variants (opt-in)
+    if (!self_extend) {  // attention_fwd64.cu (GYRE_ATTN_FWD64; ws = the kernel below)
       int variant = 0;
       CUDA_RETURN_IF_NOT_OK(AttentionForwardFwd64FromEnv(&variant));
       if (variant != 0) return LaunchAttentionForwardFwd64(p, batch, variant, stream);

@@ -36,9 +36,10 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
                                        bool self_extend, cudaStream_t stream);
 
 // The D 64 plain / fused-RoPE forward with kC consumer warpgroups and kStages K / V stages
-// (attention_fwd64.cu; opt-in through GYRE_ATTN_FWD64, read per call by
-// LaunchAttentionForwardWgmma): *variant 0 = the switch unset or 0 (attn_fwd_ws_kernel), 1..4 =
-// c2s2, c2s4, c3s2, c3s3 (consumer warpgroups, stages); another value is an error.
+// (attention_fwd64.cu), chosen per call by GYRE_ATTN_FWD64 through LaunchAttentionForwardWgmma:
+// *variant 3 = c3s2 (three consumer warpgroups, two stages: the default, the switch unset),
+// 0 = ws (attn_fwd_ws_kernel<64, false>, the previous default), 1, 2, 4, 5 = c2s2, c2s4, c3s3,
+// c3s2f (c3s2 without the turn ring) for A/B runs; another value is an error.
 CudaResult AttentionForwardFwd64FromEnv(int* variant);
 CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch, int variant,
                                        cudaStream_t stream);
