@@ -11,13 +11,11 @@
 //
 //   attention_bench [--reps=N] [--shapes=K] [--from_shape=F] [--fwd_only] [--bwd_only=B,S,H,D]
 //                   [--step_layout=B,S,H,D [--sustain=N] [--once]]
-//                   [--fwd_ab=B,S,H,D --ab=default,V1,... [--ab_rounds=N]]
 //   (K: only the first K shapes, F: start at shape F (1-based), e.g. for ncu; --fwd_only: the
 //   plain and SelfExtend forwards; --bwd_only: the plain and the fused-RoPE backward alone at
 //   that one shape (H = Hk), 3 rounds each, then whether two more backwards give bitwise the
 //   same dq / dk / dv, for A/B runs of GYRE_ATTN_DETERMINISTIC; --step_layout: the llama
-//   step's call layout against the packed one, see RunStepLayout; --fwd_ab: the forward under
-//   each value of GYRE_ATTN_FWD64 in the same process, see RunFwdAb)
+//   step's call layout against the packed one, see RunStepLayout)
 // The kernels are the library defaults; GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and
 // GYRE_ATTN_BWD ∈ {ws, mma} select the others, GYRE_ATTN_DETERMINISTIC=1 the backward with dQ
 // added in a fixed order (attention_bwd_det{,_presum}.cu) (read once per process).
@@ -369,89 +367,11 @@ void RunStepLayout(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, 
   std::fflush(stdout);
 }
 
-// --fwd_ab=B,S,H,D --ab=V1,V2,...: the forward (plain and fused RoPE, R = D, H = Hk) under each
-// value of GYRE_ATTN_FWD64 (read per call; "default" = unset), in `rounds` rounds whose order
-// rotates (round r starts at value r mod n), median of `reps` per value and round; then the
-// median over rounds per value and its ratio to the first value's. Each value's output is
-// compared with the first value's (differing bf16 values of out; the kernels may sum in another
-// order, so a few differ — this is a sanity line, the float64 checks are attention_gpu_test's).
-void RunFwdAb(DeviceAllocator& alloc, cudaStream_t stream, const Shape& s, int reps,
-              const std::vector<std::string>& values, int rounds) {
-  const int64_t n = s.batch * s.seq * s.heads * s.dim;
-  std::vector<DeviceBuffer> keep;
-  uint64_t seed = 1;
-  auto rb = [&](int64_t count) {
-    keep.emplace_back();
-    CUDA_OK_OR_DIE(alloc.Allocate(count * sizeof(bf16), &keep.back()));
-    CUDA_OK_OR_DIE(FillRandomBf16(keep.back().as<bf16>(), count, 0.f, 1.f, seed++, stream));
-    return keep.back().as<bf16>();
-  };
-  bf16 *q = rb(n), *k = rb(n), *v = rb(n), *out = rb(n), *out0 = rb(n), *q_rot = rb(n);
-  DeviceBuffer lse_buf;
-  CUDA_OK_OR_DIE(alloc.Allocate(s.batch * s.heads * s.seq * sizeof(float), &lse_buf));
-  AttentionForwardArgs fa;
-  fa.shape = {s.batch, s.seq, s.heads, s.heads, s.dim};
-  fa.q = q;
-  fa.k = k;
-  fa.v = v;
-  fa.out = out;
-  fa.lse = lse_buf.as<float>();
-  RopeTable table;
-  CUDA_OK_OR_DIE(BuildRopeTable(s.seq, s.dim, 10000.0, &alloc, &table));
-  AttentionForwardArgs fr = fa;
-  fr.rope = &table;
-  fr.q_rotated = q_rot;
-  const double flops = 4.0 * s.batch * s.heads * (double(s.seq) * s.seq / 2) * s.dim;
-  auto select = [&](const std::string& value) {
-    if (value == "default") {
-      unsetenv("GYRE_ATTN_FWD64");
-    } else {
-      setenv("GYRE_ATTN_FWD64", value.c_str(), 1);
-    }
-  };
-  const size_t nv = values.size();
-  std::vector<std::vector<float>> plain(nv), rope(nv);
-  for (size_t i = 0; i < nv; ++i) {  // outputs against the first value's
-    select(values[i]);
-    CUDA_OK_OR_DIE(AttentionForward(fa, stream));
-    if (i == 0) {
-      CUDA_CHECK_OR_DIE(cudaMemcpyAsync(out0, out, n * 2, cudaMemcpyDeviceToDevice, stream));
-    }
-    CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
-    std::printf("fwd_ab %s: out differs from %s in %lld of %lld bf16 values\n", values[i].c_str(),
-                values[0].c_str(), static_cast<long long>(BitDiffs(out, out0, n)),
-                static_cast<long long>(n));
-  }
-  for (int r = 0; r < rounds; ++r) {
-    for (size_t j = 0; j < nv; ++j) {
-      const size_t i = (r + j) % nv;
-      select(values[i]);
-      plain[i].push_back(static_cast<float>(TimeMs(stream, reps, [&] { return AttentionForward(fa, stream); })));
-      rope[i].push_back(static_cast<float>(TimeMs(stream, reps, [&] { return AttentionForward(fr, stream); })));
-    }
-  }
-  unsetenv("GYRE_ATTN_FWD64");
-  for (size_t i = 0; i < nv; ++i) {
-    const double mp = Median(plain[i]), mr = Median(rope[i]);
-    std::printf("fwd_ab B%lld S%lld H%lld D%lld %-8s fwd %.4f ms (%.1f TFLOP/s, x%.3f; rounds",
-                static_cast<long long>(s.batch), static_cast<long long>(s.seq),
-                static_cast<long long>(s.heads), static_cast<long long>(s.dim), values[i].c_str(),
-                mp, flops / (mp * 1e-3) / 1e12, mp / Median(plain[0]));
-    for (float t : plain[i]) std::printf(" %.4f", t);
-    std::printf(") | rope %.4f ms (x%.3f; rounds", mr, mr / Median(rope[0]));
-    for (float t : rope[i]) std::printf(" %.4f", t);
-    std::printf(")\n");
-  }
-  std::fflush(stdout);
-}
-
 int Main(int argc, char** argv) {
   int reps = 30, shapes = 3, from_shape = 1;
   bool fwd_only = false, once = false;
   int sustain = 200;
-  Shape bwd_shape{0, 0, 0, 0}, step_shape{0, 0, 0, 0}, ab_shape{0, 0, 0, 0};
-  std::vector<std::string> ab_values = {"default"};
-  int ab_rounds = 5;
+  Shape bwd_shape{0, 0, 0, 0}, step_shape{0, 0, 0, 0};
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::max(1, std::atoi(argv[i] + 7));
     if (std::strncmp(argv[i], "--shapes=", 9) == 0) shapes = std::atoi(argv[i] + 9);
@@ -469,25 +389,6 @@ int Main(int argc, char** argv) {
       }
       step_shape = {b, t, h, d};
     }
-    if (std::strncmp(argv[i], "--fwd_ab=", 9) == 0) {
-      long long b = 0, t = 0, h = 0, d = 0;
-      if (std::sscanf(argv[i] + 9, "%lld,%lld,%lld,%lld", &b, &t, &h, &d) != 4 || b <= 0 ||
-          t <= 0 || h <= 0 || (d != 64 && d != 128)) {
-        std::fprintf(stderr, "--fwd_ab wants B,S,H,D with D 64 or 128, got '%s'\n", argv[i] + 9);
-        return 2;
-      }
-      ab_shape = {b, t, h, d};
-    }
-    if (std::strncmp(argv[i], "--ab=", 5) == 0) {
-      ab_values.clear();
-      std::string list = argv[i] + 5;
-      for (size_t at = 0; at <= list.size();) {
-        const size_t comma = std::min(list.find(',', at), list.size());
-        ab_values.push_back(list.substr(at, comma - at));
-        at = comma + 1;
-      }
-    }
-    if (std::strncmp(argv[i], "--ab_rounds=", 12) == 0) ab_rounds = std::max(1, std::atoi(argv[i] + 12));
     if (std::strncmp(argv[i], "--bwd_only=", 11) == 0) {
       long long b = 0, t = 0, h = 0, d = 0;
       if (std::sscanf(argv[i] + 11, "%lld,%lld,%lld,%lld", &b, &t, &h, &d) != 4 || b <= 0 ||
@@ -506,11 +407,6 @@ int Main(int argc, char** argv) {
   CUDA_CHECK_OR_DIE(cudaStreamCreate(&stream));
   if (step_shape.batch > 0) {
     RunStepLayout(alloc, stream, step_shape, reps, sustain, once);
-    CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
-    return 0;
-  }
-  if (ab_shape.batch > 0) {
-    RunFwdAb(alloc, stream, ab_shape, reps, ab_values, ab_rounds);
     CUDA_CHECK_OR_DIE(cudaStreamDestroy(stream));
     return 0;
   }

@@ -1,27 +1,29 @@
-// The D 64 causal forward with a configurable number of consumer warpgroups and K / V stages
-// (opt-in: GYRE_ATTN_FWD64, read per call; attention_notes.md, "attn64f (session 22)").
-// Plain and fused-RoPE calls at head_dim 64 only; SelfExtend and D 128 keep attention_wgmma.cu's
-// attn_fwd_ws_kernel. It lives in a translation unit of its own so the default forward's PTX
-// stays what it was (attention_notes.md, attn10: a second kernel in a translation unit perturbs
-// the first one's PTX).
+// The D 64 causal forward, plain and with the fused RoPE of q (attention_wgmma.cu's
+// LaunchAttentionForwardWgmma sends every D 64 call without SelfExtend here; SelfExtend and D 128
+// keep attention_wgmma.cu's attn_fwd_ws_kernel). Own translation unit, so the other attention
+// kernels' PTX stays what it was (attention_notes.md, attn10: a kernel added to or removed from a
+// translation unit perturbs the others' PTX).
 //
-// attn_fwd64_kernel<kC, kStages>: grid (ceil(T / 64·kC), H, B) in GroupedBlockOrder; 128·(kC+1)
-// threads = one TMA producer warpgroup and kC consumer warpgroups of 64 query rows each (a block
-// holds 64·kC rows: 128 with kC 2 = the default kernel's tiling, 192 with kC 3 = FA3's D 64
-// forward). Key tiles of 128 keys; K and V each in kStages stages (mbarrier rings: full counted
-// by TMA, empty by the consumers). Per consumer step u, in its turn:
+// attn_fwd64_kernel: grid (ceil(T / 192), H, B) in GroupedBlockOrder; 512 threads = one TMA
+// producer warpgroup and THREE consumer warpgroups of 64 query rows each (192-row blocks, FA3's
+// D 64 forward), where attn_fwd_ws_kernel has two (128-row blocks). Key tiles of 128 keys; K and
+// V in two stages each (mbarrier rings: full counted by TMA, empty by the 384 consumer threads).
+// Per consumer step u, in its turn:
 //   issue S(u) = Q K(u)ᵀ (m64n128k16 x 4, both operands in shared memory) and
 //   O += P(u−1) V(u−1) (m64n64k16 x 8, P in registers), pass the turn on;
 //   wait S(u); mask (only on the diagonal / past T); row max, exp2, row sum;
 //   wait P V; rescale O; pack P(u).
-// The turn is a ring of named barriers (ids 1..kC): warpgroup c issues its GEMMs after c − 1
-// (mod kC) issued its own, so the softmaxes of the others run under each warpgroup's GEMMs.
-// Why three warpgroups at D 64 (counts in attention_notes.md): a 64 x 128 step costs 512 tensor
-// clocks and 512 MUFU clocks per SM, but one warpgroup's step takes ~3300 clocks (measured per
-// block tile at B8 S2048, ncu) — the chain S wait → softmax → pack is latency, not throughput, so
-// a third warpgroup in the ring adds a third chain in flight for the same tensor and MUFU pipes.
+// The turn is a ring of named barriers (ids 1..3): warpgroup c issues its GEMMs after c − 1
+// (mod 3) issued its own, so the other two softmaxes run under each warpgroup's GEMMs.
+// Why three (counts and measurements in attention_notes.md, "attn64f"): at D 64 a 64 x 128 step
+// costs 512 tensor and 512 MUFU clocks per SM, but with two warpgroups each took ~3300 clocks
+// with no pipe more than ~40% busy (latency: S wait → softmax chain → pack → turn); a third
+// warpgroup puts a third such chain on the same pipes. H100, B8 / B16 S2048 H12: 0.91-0.93x the
+// two-warpgroup kernel's time (ncu 153 vs 166 µs), at or below SDPA cuDNN's forward. Tried and
+// slower (deleted): 4 K / V stages with two warpgroups (+2%), 3 stages with three (+1-3% over
+// two), three warpgroups without the ring (+2-4%).
 // Registers: 512 threads x 128 at launch = 65536; the producer drops to 32, the consumers take
-// 160 each (32 + 3 · 160 = 512 per four threads).
+// 160 each (32 + 3 · 160 = 512 per four threads); ptxas: 0 spills.
 // Causal skip per warpgroup: with 192-row blocks and 128-key tiles, a block's lower warpgroups
 // need fewer key tiles than its last one (rows 0..63 of block 0 see keys 0..63 only). A warpgroup
 // past its own last tile keeps taking its turns (the ring needs every member), issues its last
@@ -30,22 +32,20 @@
 // warpgroup computes the tiles the two-warpgroup kernel computes for the same rows (272 64 x 128
 // steps per (batch, head) at T 2048 either way; without the skip 303).
 // Output: O / l staged through the warpgroup's own Q rows, 16-byte stores; lse = m·scale + ln l.
+// Same arithmetic per row, in the same order, as attn_fwd_ws_kernel: outputs bitwise equal.
 #include "kernels/cuda/attention_wgmma.cuh"
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 namespace gyre::cuda {
 namespace {
 
-constexpr int kF64D = 64, kF64N = 128;
+// Head dim, keys per tile, consumer warpgroups, K / V stages.
+constexpr int kF64D = 64, kF64N = 128, kC = 3, kStages = 2;
+constexpr int kF64Threads = 128 * (kC + 1);
 
-template <int kC, int kStages>
-constexpr int Fwd64SmemBytes() {
-  // Q (64·kC rows), K and V stages, alignment slack, mbarriers (4·kStages + 1).
-  return 64 * kC * kF64D * 2 + 2 * kStages * kF64N * kF64D * 2 + 1024 + 256;
-}
+// Q (64·kC rows), K and V stages, alignment slack, mbarriers (4·kStages + 1).
+constexpr int kFwd64SmemBytes = 64 * kC * kF64D * 2 + 2 * kStages * kF64N * kF64D * 2 + 1024 + 256;
 
 struct Fwd64Maps {
   CUtensorMap q, k, v;
@@ -115,8 +115,7 @@ __device__ __forceinline__ void Fwd64RopeOwnQRows(const WgmmaFwdParams& p, unsig
   NamedBarrierSync(bar, 128);
 }
 
-template <int kC, int kStages, bool kRing>
-__global__ void __launch_bounds__(128 * (kC + 1), 1)
+__global__ void __launch_bounds__(kF64Threads, 1)
     attn_fwd64_kernel(const WgmmaFwdParams p, const __grid_constant__ Fwd64Maps maps,
                       const int head_group) {
   constexpr int kD = kF64D, kBM = 64 * kC;
@@ -168,11 +167,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   if (wg == 0) {
     // ---------------------------------------------------------------- producer warpgroup
     // One thread: Q, K(0), then K(u + 1) ahead of V(u), each as soon as its stage is free.
-    if constexpr (kC == 2) {
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    } else {
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n" ::: "memory");
-    }
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n" ::: "memory");
     if (wtid != 0) return;
     MbArriveExpectTx(q_full, kQBytes);
     TmaTile4d(sQ, &maps.q, q_full, 0, h, m0, b);
@@ -194,11 +189,7 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   }
 
   // ------------------------------------------------------------------ consumer warpgroups
-  if constexpr (kC == 2) {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
-  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
   const int cwg = wg - 1;
   const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int w_first = m0 + 64 * cwg;
@@ -210,18 +201,11 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   // Turn ring: barrier 1 + c (256 threads: warpgroup c syncs, its predecessor arrives).
   const int my_turn = 1 + cwg, next_turn = 1 + (cwg + 1) % kC;
   const int stage_bar = 1 + kC + cwg;  // this warpgroup's own (128 threads)
-  // kRing false (c3s2f): no ring, every warpgroup issues its GEMMs when its own step is ready.
-  auto take_turn = [&] {
-    if constexpr (kRing) NamedBarrierSync(my_turn, 256);
-  };
+  auto take_turn = [&] { NamedBarrierSync(my_turn, 256); };
   auto pass_turn = [&](int u) {  // the last turn of the ring's last member has no taker
-    if constexpr (kRing) {
-      if (!(cwg == kC - 1 && u == total - 1)) NamedBarArrive(next_turn, 256);
-    }
+    if (!(cwg == kC - 1 && u == total - 1)) NamedBarArrive(next_turn, 256);
   };
-  if constexpr (kRing) {
-    if (cwg == kC - 1) NamedBarArrive(1, 256);  // warpgroup 0 takes the first turn
-  }
+  if (cwg == kC - 1) NamedBarArrive(1, 256);  // warpgroup 0 takes the first turn
 
   float o[kD / 2];
 #pragma unroll
@@ -419,13 +403,13 @@ __global__ void __launch_bounds__(128 * (kC + 1), 1)
   }
 }
 
-template <int kC, int kStages, bool kRing = true>
-CudaResult LaunchFwd64(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream) {
-  constexpr int smem = Fwd64SmemBytes<kC, kStages>();
+}  // namespace
+
+CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch,
+                                       cudaStream_t stream) {
   constexpr int kBM = 64 * kC;
-  auto* kernel = attn_fwd64_kernel<kC, kStages, kRing>;
-  CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      attn_fwd64_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFwd64SmemBytes));
   Fwd64Maps maps{};
   const int kv_heads = p.heads / p.group;
   CUDA_RETURN_IF_NOT_OK(EncodeRowsMap(&maps.q, p.q, kF64D, p.heads, p.seq, batch, p.q_stride, kBM));
@@ -434,44 +418,12 @@ CudaResult LaunchFwd64(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stre
   CUDA_RETURN_IF_NOT_OK(
       EncodeRowsMap(&maps.v, p.v, kF64D, kv_heads, p.seq, batch, p.kv_stride, kF64N));
   const int64_t pairs = batch * p.heads;
+  // A pair's blocks re-read K and V.
   const int head_group = HeadGroup(int64_t{2} * p.seq * kF64D * 2, pairs);
   const dim3 grid((p.seq + kBM - 1) / kBM, p.heads, static_cast<unsigned>(batch));
-  kernel<<<grid, 128 * (kC + 1), smem, stream>>>(p, maps, head_group);
+  attn_fwd64_kernel<<<grid, kF64Threads, kFwd64SmemBytes, stream>>>(p, maps, head_group);
   CUDA_RETURN_IF_LAUNCH_ERROR("attn_fwd64_kernel");
   return {};
-}
-
-}  // namespace
-
-CudaResult AttentionForwardFwd64FromEnv(int* variant) {
-  *variant = 3;  // the default: c3s2
-  const char* value = std::getenv("GYRE_ATTN_FWD64");
-  if (value == nullptr || value[0] == '\0') return {};
-  if (std::strcmp(value, "ws") == 0) {  // attention_wgmma.cu's attn_fwd_ws_kernel<64, false>
-    *variant = 0;
-    return {};
-  }
-  static constexpr const char* kNames[] = {"c2s2", "c2s4", "c3s2", "c3s3", "c3s2f"};
-  for (int i = 0; i < 5; ++i) {
-    if (std::strcmp(value, kNames[i]) == 0) {
-      *variant = i + 1;
-      return {};
-    }
-  }
-  return {1, std::string("GYRE_ATTN_FWD64 must be unset, ws, c2s2, c2s4, c3s2, c3s3 or c3s2f, "
-                         "got '") + value + "'"};
-}
-
-CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch, int variant,
-                                       cudaStream_t stream) {
-  switch (variant) {
-    case 1: return LaunchFwd64<2, 2>(p, batch, stream);
-    case 2: return LaunchFwd64<2, 4>(p, batch, stream);
-    case 3: return LaunchFwd64<3, 2>(p, batch, stream);
-    case 4: return LaunchFwd64<3, 3>(p, batch, stream);
-    case 5: return LaunchFwd64<3, 2, /*kRing=*/false>(p, batch, stream);
-    default: return {1, "LaunchAttentionForwardFwd64: unknown variant"};
-  }
 }
 
 }  // namespace gyre::cuda

@@ -550,50 +550,25 @@ TEST(AttentionGpuTest, StepLayoutMatchFloat64Reference) {
   EXPECT_EQ(failures, 0);
 }
 
-// The D 64 forward's tilings (GYRE_ATTN_FWD64, attention_fwd64.cu, read per call; unset = c3s2,
-// ws = the previous default): each value in turn (or only the one set in the environment), on the edges of 192-row blocks with
-// 128-key tiles: T a multiple of 192 but not of 128 (576), of both (384 + 2048: the last block's
-// third warpgroup wholly past T, the lower warpgroups skipping trailing tiles), T 191 / 193 (one
-// row short / over a block), GQA, fused strides, the fused RoPE (R = D and R < D), odd T.
-TEST(AttentionGpuTest, Fwd64TilingsMatchFloat64Reference) {
+// The D 64 forward (attention_fwd64.cu: 192-row blocks of three 64-row warpgroups, 128-key
+// tiles) on its tiling's edges: T a multiple of 192 but not of 128 (576), of both (384), 2048
+// (the last block's third warpgroup wholly past T, the lower warpgroups skipping trailing
+// tiles), T 191 / 193 (one row short of / over a block), GQA, fused strides, the fused RoPE
+// (R = D and R < D), the step layout, odd T.
+TEST(AttentionGpuTest, Fwd64TilingMatchFloat64Reference) {
   std::mt19937_64 rng(17);
   DeviceAllocator alloc;
-  const char* preset = std::getenv("GYRE_ATTN_FWD64");
-  const std::string keep = preset != nullptr ? preset : "";
-  std::vector<std::string> variants = {"", "ws", "c2s2", "c2s4", "c3s3", "c3s2f"};
-  if (preset != nullptr) variants = {keep};
   int failures = 0, checks = 0;
-  for (const std::string& v : variants) {
-    if (v.empty()) {
-      unsetenv("GYRE_ATTN_FWD64");
-    } else {
-      setenv("GYRE_ATTN_FWD64", v.c_str(), 1);
-    }
-    for (const Problem& p : {Problem{1, 576, 4, 2, 64, false}, Problem{1, 2048, 2, 2, 64, false},
-                             Problem{2, 191, 4, 4, 64, true}, Problem{1, 193, 2, 1, 64, false},
-                             Problem{2, 384, 2, 2, 64, false, 0, 0, 64},
-                             Problem{1, 1000, 4, 4, 64, true, 0, 0, 64, 0},
-                             Problem{1, 450, 4, 2, 64, false, 0, 0, 32}}) {
-      ++checks;
-      if (!RunForwardBackward(&alloc, rng, p)) {
-        ++failures;
-        std::printf("  (failed under GYRE_ATTN_FWD64=%s)\n", v.empty() ? "unset" : v.c_str());
-      }
-    }
+  for (const Problem& p : {Problem{1, 576, 4, 2, 64, false}, Problem{1, 2048, 2, 2, 64, false},
+                           Problem{2, 191, 4, 4, 64, true}, Problem{1, 193, 2, 1, 64, false},
+                           Problem{2, 384, 2, 2, 64, false, 0, 0, 64},
+                           Problem{1, 1000, 4, 4, 64, true, 0, 0, 64, 0},
+                           Problem{1, 450, 4, 2, 64, false, 0, 0, 32}}) {
+    ++checks;
+    if (!RunForwardBackward(&alloc, rng, p)) ++failures;
   }
-  if (preset != nullptr) {
-    setenv("GYRE_ATTN_FWD64", keep.c_str(), 1);
-  } else if (std::getenv("GYRE_ATTN_FWD") == nullptr) {  // the wgmma path reads the switch
-    setenv("GYRE_ATTN_FWD64", "c4s9", 1);
-    DeviceArray<bf16> buf(&alloc, 4096);
-    AttentionForwardArgs fa;
-    fa.shape = {1, 4, 2, 2, 64};
-    fa.q = fa.k = fa.v = fa.out = buf.get();
-    EXPECT_FALSE(AttentionForward(fa, nullptr).ok());  // an unknown value is an error
-    unsetenv("GYRE_ATTN_FWD64");
-  }
-  std::printf("attention_gpu_test fwd64 tilings (GYRE_ATTN_FWD64=%s): %d of %d problems passed\n",
-              preset != nullptr ? preset : "each", checks - failures, checks);
+  std::printf("attention_gpu_test fwd64 tiling: %d of %d problems passed\n", checks - failures,
+              checks);
   EXPECT_EQ(failures, 0);
 }
 

@@ -35,13 +35,9 @@ struct WgmmaFwdParams {
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream);
 
-// The D 64 plain / fused-RoPE forward with kC consumer warpgroups and kStages K / V stages
-// (attention_fwd64.cu), chosen per call by GYRE_ATTN_FWD64 through LaunchAttentionForwardWgmma:
-// *variant 3 = c3s2 (three consumer warpgroups, two stages: the default, the switch unset),
-// 0 = ws (attn_fwd_ws_kernel<64, false>, the previous default), 1, 2, 4, 5 = c2s2, c2s4, c3s3,
-// c3s2f (c3s2 without the turn ring) for A/B runs; another value is an error.
-CudaResult AttentionForwardFwd64FromEnv(int* variant);
-CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch, int variant,
+// attn_fwd64_kernel (attention_fwd64.cu): the D 64 forward without SelfExtend (plain or with the
+// fused RoPE), three consumer warpgroups on 192-row blocks; LaunchAttentionForwardWgmma calls it.
+CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch,
                                        cudaStream_t stream);
 
 // Backward main kernel (dK, dV, dQ accumulation) on wgmma; the caller runs attention.cu's prep
