@@ -6,7 +6,9 @@
 // call as the benchmark; bench/RESULTS.md, attn2 .. attn5 sections):
 //   forward, plain and SelfExtend   "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
 //                                           TMA producer, pingpong consumers; SelfExtend in one
-//                                           pass (both score GEMMs only on band tiles)
+//                                           pass (both score GEMMs only on band tiles); the
+//                                           plain D 64 forward: attention_fwd64.cu (three
+//                                           consumer warpgroups, 192-row blocks; attn64f)
 //   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
 //                                           TMA producer, mbarrier ring, dQ through shared
 //                                           memory and bulk reductions (blocked dq_acc layout)

@@ -550,6 +550,28 @@ TEST(AttentionGpuTest, StepLayoutMatchFloat64Reference) {
   EXPECT_EQ(failures, 0);
 }
 
+// The D 64 forward (attention_fwd64.cu: 192-row blocks of three 64-row warpgroups, 128-key
+// tiles) on its tiling's edges: T a multiple of 192 but not of 128 (576), of both (384), 2048
+// (the last block's third warpgroup wholly past T, the lower warpgroups skipping trailing
+// tiles), T 191 / 193 (one row short of / over a block), GQA, fused strides, the fused RoPE
+// (R = D and R < D), the step layout, odd T.
+TEST(AttentionGpuTest, Fwd64TilingMatchFloat64Reference) {
+  std::mt19937_64 rng(17);
+  DeviceAllocator alloc;
+  int failures = 0, checks = 0;
+  for (const Problem& p : {Problem{1, 576, 4, 2, 64, false}, Problem{1, 2048, 2, 2, 64, false},
+                           Problem{2, 191, 4, 4, 64, true}, Problem{1, 193, 2, 1, 64, false},
+                           Problem{2, 384, 2, 2, 64, false, 0, 0, 64},
+                           Problem{1, 1000, 4, 4, 64, true, 0, 0, 64, 0},
+                           Problem{1, 450, 4, 2, 64, false, 0, 0, 32}}) {
+    ++checks;
+    if (!RunForwardBackward(&alloc, rng, p)) ++failures;
+  }
+  std::printf("attention_gpu_test fwd64 tiling: %d of %d problems passed\n", checks - failures,
+              checks);
+  EXPECT_EQ(failures, 0);
+}
+
 // Runs the forward once and the backward three times on the same inputs (fresh poisoned
 // outputs each time) and counts the bf16 values of dq, dk, dv that differ from the first run's.
 struct RepeatDiffs {

@@ -1,7 +1,10 @@
 // Causal attention on Hopper tensor cores (wgmma, sm_90a), selected by attention.cu (see the
 // kernel-choice table there). API and math: attention.h. Two kernels, both FlashAttention-3
 // structured (a TMA producer warpgroup, mbarrier rings, two consumer warpgroups):
-//   attn_fwd_ws_kernel      forward, plain and SelfExtend (described above it)
+//   attn_fwd_ws_kernel      forward, plain and SelfExtend (described above it); the plain
+//                           D 64 forward is attention_fwd64.cu's (three consumer warpgroups,
+//                           0.91-0.93x this kernel's time at D 64, H100: attention_notes.md,
+//                           attn64f), so D 64 instantiates only the SelfExtend form here
 //   attn_bwd_ws_kernel      backward main kernel (described in attention_wgmma.cuh, with its
 //                           body, shared with attention_bwd_det.cu's deterministic kernel)
 // Measured on an H100 (bench/RESULTS.md, sessions 5-6, attn5 / attn6): forward 490-630 TFLOP/s
@@ -620,9 +623,9 @@ CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream) {
-  if (head_dim == 64) {
+  if (head_dim == 64) {  // the plain D 64 forward is attention_fwd64.cu's
     return self_extend ? LaunchWs<64, true>(p, batch, stream)
-                       : LaunchWs<64, false>(p, batch, stream);
+                       : LaunchAttentionForwardFwd64(p, batch, stream);
   }
   return self_extend ? LaunchWs<128, true>(p, batch, stream)
                      : LaunchWs<128, false>(p, batch, stream);

@@ -35,6 +35,11 @@ struct WgmmaFwdParams {
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
                                        bool self_extend, cudaStream_t stream);
 
+// attn_fwd64_kernel (attention_fwd64.cu): the D 64 forward without SelfExtend (plain or with the
+// fused RoPE), three consumer warpgroups on 192-row blocks; LaunchAttentionForwardWgmma calls it.
+CudaResult LaunchAttentionForwardFwd64(const WgmmaFwdParams& p, int64_t batch,
+                                       cudaStream_t stream);
+
 // Backward main kernel (dK, dV, dQ accumulation) on wgmma; the caller runs attention.cu's prep
 // kernel (dvec = rowsum(dout ∘ out), dq_acc zeroed) before and its dq conversion after.
 struct WgmmaBwdParams {
