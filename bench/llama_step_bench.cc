@@ -111,6 +111,7 @@ void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double
               "idle %.2f ms/step; GEMMs %.2f ms/step at %.0f TFLOP/s):\n",
               static_cast<int>(n), 1e3 * wall_sum / n, 1e3 * median_s, 1e3 * busy / n, 1e3 * (wall_sum - busy) / n,
               1e3 * gemm / n, gemm > 0 ? gemm_flops / gemm / 1e12 : 0.0);
+  gyre::bench::PrintOpGaps(Cuda().TakeOpGaps(), ops, wall);
   gyre::bench::PrintOpTable(std::move(ops), n, busy);
 }
 
