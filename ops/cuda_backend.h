@@ -169,7 +169,7 @@ class CudaBackend {
   // index in the next TakeDeferredScalars. The training step's form (ops/step_notes.md): the
   // optimizer's read-back (CudaAdamW::Step) fetches the slots with its own state, so a step
   // synchronises once, at its end, instead of also after the LM head, before the backward is
-  // enqueued. With GYRE_STEP_READBACK=per_op the slot is fetched at once (the old step).
+  // enqueued.
   virtual int LinearCrossEntropyDeferred(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
                                          const int32_t* host_targets, double loss_scale, void* dh, float* dw,
                                          bool overwrite_dw, float logit_soft_cap = 0.f) = 0;

@@ -861,8 +861,6 @@ class Backend final : public CudaBackend {
     double* slot = scalars_.Next(alloc_, stream_, &index);
     EnqueueLinearCrossEntropy(h, w, tokens, dim, vocab, host_targets, loss_scale, dh, dw, overwrite_dw, logit_soft_cap,
                               slot);
-    scope.Close();
-    if (!DeferReadBacks()) scalars_.Fetch(stream_);  // GYRE_STEP_READBACK=per_op: read here, as before
     return index;
   }
 
@@ -1271,15 +1269,10 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
   }
 
-  // GYRE_STEP_READBACK (ops/step_notes.md): "once" (default) keeps the LM head's loss on the
-  // device until the step's one read-back (the optimizer's) and uploads token ids, targets and
-  // the embedding plan through pinned staging buffers; "per_op" is the old step: the loss read
-  // back (a stream synchronisation) right after the LM head, pageable uploads. Read per call (a
-  // few times a step), so llama_step_bench --variants can alternate both in one process.
-  static bool DeferReadBacks() { return EnvChoice("GYRE_STEP_READBACK", {"once", "per_op"}, "once") == "once"; }
-  // Pinned staging for host -> device uploads, except in per_op mode and during a graph capture
-  // (an event record there would be captured; eager steps are never captured).
-  bool StagedUploads() const { return DeferReadBacks() && !capturing_; }
+  // Host -> device uploads of the step (token ids, targets, the embedding plan) through pinned
+  // staging buffers (kernels/cuda/pinned_upload.h, ops/step_notes.md), except during a graph
+  // capture (an event record there would be captured; eager steps are never captured).
+  bool StagedUploads() const { return !capturing_; }
   void Upload(void* device_dst, const void* host_src, size_t bytes) {
     if (StagedUploads()) {
       OK_OR_DIE(uploads_.Upload(device_dst, host_src, bytes, stream_));

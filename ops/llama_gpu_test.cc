@@ -16,12 +16,11 @@
 //            same initial weights: the loss curves agree step by step;
 //   bitwise: with ModelSpec::deterministic (train.deterministic) three training steps run twice
 //            give the same bits (losses, parameters, gradients); off: the counts are printed;
-//            the step's one read-back equals the per-op read-backs (GYRE_STEP_READBACK) bit for
-//            bit; deferred losses beyond the backend's slots come back in order.
+//            Trainer::Step's one read-back equals ComputeGradients + ApplyUpdate bit for bit;
+//            deferred losses beyond the backend's slots come back in order.
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
@@ -327,30 +326,30 @@ TEST_F(LlamaGpuTest, FusedLmHeadCrossEntropyAtGpt2Vocabularies) {
 }
 
 // The step's one read-back (ops/step_notes.md): Trainer::Step leaves the LM heads' losses on the
-// device until the optimizer's read-back; GYRE_STEP_READBACK=per_op reads each back right after
-// its head (a mid-step synchronisation, the old step) and uploads ids / targets from pageable
-// memory. Same kernels in the same order, so three steps (two MTP heads: two deferred losses a
-// step; deterministic attention so that both runs can be bitwise equal) give the same bits in
-// every loss, gradient norm, parameter and gradient.
-TEST_F(LlamaGpuTest, OneReadBackStepEqualsPerOpReadBacks) {
+// device until the optimizer's read-back fetches them with the gradient norm; ComputeGradients +
+// ApplyUpdate (the worker's split) reads them back at the end of the pass, then the norm. Same
+// kernels in the same order, so three steps (two MTP heads: two deferred losses a step;
+// deterministic attention so that both runs can be bitwise equal) give the same bits in every
+// loss, gradient norm, parameter and gradient. (Session 22's device run of this test compared
+// Trainer::Step with the per-op read-backs of the old step instead, GYRE_STEP_READBACK=per_op,
+// since deleted: the same bits.)
+TEST_F(LlamaGpuTest, OneReadBackStepEqualsTheSplitStep) {
   ModelSpec spec = SmallLlama();
   spec.mtp_heads = 2;
   spec.deterministic = true;
   const int64_t B = 2, T = 256;
   TrainBits runs[2];
   for (int run = 0; run < 2; ++run) {
-    if (run == 1) setenv("GYRE_STEP_READBACK", "per_op", 1);
-    runs[run] = TrainStepsForBits(spec, B, T);
-    unsetenv("GYRE_STEP_READBACK");
+    runs[run] = TrainStepsForBits(spec, B, T, 3, nullptr, /*split_step=*/run == 1);
     for (size_t step = 0; step < runs[run].losses.size(); ++step) {
-      std::printf("  %s step %zu loss %.17g grad_norm %.17g\n", run == 0 ? "once  " : "per_op", step,
+      std::printf("  %s step %zu loss %.17g grad_norm %.17g\n", run == 0 ? "Step " : "split", step,
                   runs[run].losses[step], runs[run].grad_norms[step]);
     }
   }
   const BitsDiff c = CompareBits(runs[0], runs[1]);
   const bool finite = runs[0].losses.size() == 3 && std::isfinite(runs[0].losses[2]) && runs[0].losses[2] > 0;
-  std::printf("[%s] one read-back vs per-op read-backs, 3 steps, 2 heads: steps differing %d/3, parameters %d/%zu, "
-              "gradients %d/%zu%s\n",
+  std::printf("[%s] one read-back (Step) vs ComputeGradients + ApplyUpdate, 3 steps, 2 heads: steps differing %d/3, "
+              "parameters %d/%zu, gradients %d/%zu%s\n",
               c.Same() && finite ? "PASS" : "FAIL", c.steps, c.values, c.params, c.grads, c.params,
               c.Names(300, /*tagged=*/true).c_str());
   EXPECT_TRUE(finite);
