@@ -1,6 +1,7 @@
 // Host-timed training steps, shared by the one-GPU step benchmarks (llama_step_bench,
-// recurrent_step_bench). Each Trainer::Step ends with two device-to-host reads (the loss and the
-// gradient norm), so the stream is drained and the host wall clock is the step time.
+// recurrent_step_bench). Each Trainer::Step ends with one device-to-host read (the gradient norm
+// and the loss together, ops/step_notes.md), so the stream is drained and the host wall clock is
+// the step time.
 #pragma once
 
 #include <algorithm>
