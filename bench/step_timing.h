@@ -251,7 +251,9 @@ void PrintOpGaps(const ops::CudaBackend::OpGaps& g, std::vector<OpTime> ops, con
                 1e6 * o.gap_seconds / std::max<double>(1, o.calls));
   }
   std::printf("  largest gaps:");
-  for (const auto& x : g.largest) std::printf(" [%.1f us: %s -> %s]", 1e6 * x.seconds, x.before.c_str(), x.after.c_str());
+  for (const auto& x : g.largest) {
+    std::printf(" [%.1f us: %s -> %s]", 1e6 * x.seconds, x.before.c_str(), x.after.c_str());
+  }
   std::printf("\n");
   std::fflush(stdout);
 }
