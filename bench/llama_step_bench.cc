@@ -9,19 +9,22 @@
 //                                          halved for the causal mask; d_attn = heads · head_dim)
 //   MFU = FLOPs / step time / peak, peak = 989 TFLOP/s (H100/H200 SXM dense bf16, the figure
 //   PERFORMANCE.md's anchors use).
-// Timing: host wall clock per step (each step ends with two device-to-host reads: the loss and
-// the gradient norm, so the stream is drained); warm-up steps first; median of the rest
+// Timing: host wall clock per step (each step ends with one device-to-host read: the gradient
+// norm with the loss, so the stream is drained); warm-up steps first; median of the rest
 // (bench/step_timing.h). --profile_steps N adds N steps with CUDA events around every backend op
-// (CudaBackend::SetOpProfiling) and prints GPU time per op and the device's idle time.
+// (CudaBackend::SetOpProfiling) and prints GPU time per op, the device's idle time and its gaps
+// (the gap before each op summed per op, the largest gaps with their neighbours, a histogram by
+// size, the host's tail after the last op: ops/step_notes.md).
 // --variants NAME=VALUE ... times --variant_rounds rounds of --variant_steps steps under each
 // environment setting (e.g. GYRE_GEMM_AUTOTUNE=1, GYRE_ATTN_BWD=...) and the default, each round
 // starting at another entry (as recurrent_step_bench). --profile_variants NAME=VALUE ...
 // prints a per-op profile under each environment setting (one unprofiled step first, so new GEMM
 // plans are built outside the timed steps): in-step A/B of per-op settings such as GYRE_GEMM_PICK
 // (kernels/cuda/gemm.cu), whose isolated timings did not carry over to the step.
-// No CUDA graphs: the step reads the loss and the norm back and uploads token ids from the host,
-// and the profile shows the device idle only 0.5 ms (125m) / 1.0 ms (1.3b) per step on an H200
-// (bench/RESULTS.md, session 3): a graph could save at most that.
+// No CUDA graphs: the step reads the norm (and the loss) back and uploads token ids from the
+// host, and the profile shows the device idle only 0.5 ms (125m) / 0.9 ms (1.3b) per step on an
+// H100, ~1.7 us launch bubbles between ~258 / ~510 ops a step plus the step's start (the host's
+// prologue, 50-110 us) (bench/RESULTS.md, session 22, async22): a graph could save at most that.
 #include <algorithm>
 #include <cstdlib>
 #include <chrono>
@@ -95,7 +98,8 @@ void TimeAttention(const ModelSpec& spec, int64_t batch, int64_t seq) {
 
 // Per-op GPU time of `steps` profiled steps (CUDA events around every backend op; the steps are
 // otherwise the same as the timed ones). Busy = Σ op times; idle = wall − busy (the device waiting
-// for the host: launches, host-side bookkeeping, the two read-backs).
+// for the host: launch bubbles, host-side bookkeeping, the read-back; ops close their bracket
+// before a read-back since session 22, so its round trip is idle, not the op's time).
 void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double>& wall, double median_s) {
   const double n = static_cast<double>(wall.size());
   double wall_sum = 0, busy = 0, gemm = 0, gemm_flops = 0;
@@ -111,6 +115,7 @@ void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double
               "idle %.2f ms/step; GEMMs %.2f ms/step at %.0f TFLOP/s):\n",
               static_cast<int>(n), 1e3 * wall_sum / n, 1e3 * median_s, 1e3 * busy / n, 1e3 * (wall_sum - busy) / n,
               1e3 * gemm / n, gemm > 0 ? gemm_flops / gemm / 1e12 : 0.0);
+  gyre::bench::PrintOpGaps(Cuda().TakeOpGaps(), ops, wall);
   gyre::bench::PrintOpTable(std::move(ops), n, busy);
 }
 

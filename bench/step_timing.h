@@ -1,6 +1,7 @@
 // Host-timed training steps, shared by the one-GPU step benchmarks (llama_step_bench,
-// recurrent_step_bench). Each Trainer::Step ends with two device-to-host reads (the loss and the
-// gradient norm), so the stream is drained and the host wall clock is the step time.
+// recurrent_step_bench). Each Trainer::Step ends with one device-to-host read (the gradient norm
+// and the loss together, ops/step_notes.md), so the stream is drained and the host wall clock is
+// the step time.
 #pragma once
 
 #include <algorithm>
@@ -65,6 +66,7 @@ inline bool TimeSteps(ops::Trainer& trainer, ops::Rng& rng, int64_t vocab, int64
   std::vector<int32_t> tokens(batch * (seq + 1));
   for (int s = first_step; s < first_step + count; ++s) {
     for (auto& t : tokens) t = static_cast<int32_t>(rng.Below(vocab));
+    ops::Cuda().OpProfileStepStart();  // the op profile's gaps: the step's first op gets the gap since here
     const auto a = std::chrono::steady_clock::now();
     auto st = trainer.Step(tokens, batch, seq, s);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
@@ -215,6 +217,44 @@ void PrintOpTable(std::vector<OpTime> ops, double steps, double busy) {
     std::printf("  | %s | %.0f | %.3f | %.1f%% | %s |\n", o.label.c_str(), o.calls / steps, 1e3 * o.seconds / steps,
                 100 * o.seconds / busy, tf);
   }
+  std::fflush(stdout);
+}
+
+// The device's gaps of a --profile run (CudaBackend::TakeOpGaps, after TakeOpProfile): where the
+// device sat in no op. `ops`: the same take's per-op times (gap_seconds: the gap before each call,
+// summed per op); `wall`: the profiled steps' host times. Span = from each step's start mark to
+// its last op's end; wall - span = the host's tail (the last read-back's round trip and return).
+template <typename OpTime>
+void PrintOpGaps(const ops::CudaBackend::OpGaps& g, std::vector<OpTime> ops, const std::vector<double>& wall) {
+  const double n = static_cast<double>(wall.size());
+  double wall_sum = 0, gap_sum = 0, busy = 0;
+  for (double w : wall) wall_sum += w;
+  for (const auto& o : ops) {
+    gap_sum += o.gap_seconds;
+    busy += o.seconds;
+  }
+  std::printf("  device gaps (%lld step marks): span %.3f ms/step, ops %.3f, gaps %.3f ms/step (%.0f gaps/step), host "
+              "tail (wall - span) %.3f ms/step\n",
+              (long long)g.steps, 1e3 * g.span_seconds / n, 1e3 * busy / n, 1e3 * gap_sum / n,
+              (g.counts[0] + g.counts[1] + g.counts[2] + g.counts[3] + g.counts[4]) / n,
+              1e3 * (wall_sum - g.span_seconds) / n);
+  static const char* kBuckets[5] = {"< 2 us", "2-5 us", "5-20 us", "20-100 us", ">= 100 us"};
+  std::printf("  gaps by size:");
+  for (int b = 0; b < 5; ++b) {
+    std::printf(" %s: %.1f/step %.3f ms%s", kBuckets[b], g.counts[b] / n, 1e3 * g.seconds[b] / n, b < 4 ? ";" : "\n");
+  }
+  std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.gap_seconds > b.gap_seconds; });
+  std::printf("  | gap before op | calls/step | gap ms/step | us per call |\n  |---|---|---|---|\n");
+  for (size_t i = 0; i < ops.size() && i < 10; ++i) {
+    const auto& o = ops[i];
+    std::printf("  | %s | %.0f | %.3f | %.1f |\n", o.label.c_str(), o.calls / n, 1e3 * o.gap_seconds / n,
+                1e6 * o.gap_seconds / std::max<double>(1, o.calls));
+  }
+  std::printf("  largest gaps:");
+  for (const auto& x : g.largest) {
+    std::printf(" [%.1f us: %s -> %s]", 1e6 * x.seconds, x.before.c_str(), x.after.c_str());
+  }
+  std::printf("\n");
   std::fflush(stdout);
 }
 

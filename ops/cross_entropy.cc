@@ -166,10 +166,18 @@ CrossEntropyResult FusedLmHeadCrossEntropy(const Tensor& h, const Tensor& w,
       if (overwrite) dw->SetZero();
       return result;
     }
+    void* dh_raw = dh != nullptr ? dh->raw() : nullptr;
+    float* dw_raw = dw != nullptr ? dw->data<float>() : nullptr;
+    const auto cap = static_cast<float>(options.logit_soft_cap);
+    if (options.defer_loss) {
+      result.loss = std::numeric_limits<double>::quiet_NaN();
+      result.deferred_index = Cuda().LinearCrossEntropyDeferred(h.raw(), w.raw(), h.rows(), h.cols(), w.dim(0),
+                                                                targets.data(), loss_scale, dh_raw, dw_raw, overwrite,
+                                                                cap);
+      return result;
+    }
     result.loss = Cuda().LinearCrossEntropy(h.raw(), w.raw(), h.rows(), h.cols(), w.dim(0), targets.data(), loss_scale,
-                                            dh != nullptr ? dh->raw() : nullptr,
-                                            dw != nullptr ? dw->data<float>() : nullptr, overwrite,
-                                            static_cast<float>(options.logit_soft_cap));
+                                            dh_raw, dw_raw, overwrite, cap);
     return result;
   }
   return DispatchFloat(h.dtype(), [&]<typename T>() {

@@ -33,11 +33,16 @@ struct CrossEntropyOptions {
   // c > 0: logits c · tanh(logit / c) (see the top of this file); 0: off (every model but xLSTM
   // Large). LanguageModel sets it from ModelSpec::logit_soft_cap on each call.
   double logit_soft_cap = 0.0;
+  // CUDA: the loss is not read back; it stays in a device slot whose index is
+  // CrossEntropyResult::deferred_index, read by CudaBackend::TakeDeferredScalars (the training
+  // step's one read-back, ops/step_notes.md). CPU: ignored (the loss is there at once).
+  bool defer_loss = false;
 };
 
 struct CrossEntropyResult {
-  double loss = 0;          // loss_scale * sum of per-token losses
+  double loss = 0;          // loss_scale * sum of per-token losses (NaN while deferred)
   int64_t tokens = 0;       // targets counted
+  int deferred_index = -1;  // >= 0: the loss is TakeDeferredScalars()[deferred_index]
 };
 
 // h [N, d], w [V, d]. *dh (if not null) is overwritten with dloss/dh [N, d]; *dw (if not null)

@@ -80,7 +80,8 @@ struct CudaAdamWTensor {
 class CudaAdamW {
  public:
   virtual ~CudaAdamW() = default;
-  // One step; returns ||g|| before clipping (reads it back: one stream synchronisation). A
+  // One step; returns ||g|| before clipping (reads it back: one stream synchronisation, which
+  // also fetches the backend's pending deferred scalars: CudaBackend::TakeDeferredScalars). A
   // non-finite norm means the device skipped the update; the step count is then not advanced.
   virtual double Step(double lr, double max_grad_norm) = 0;
   virtual int64_t steps_taken() const = 0;
@@ -164,6 +165,18 @@ class CudaBackend {
   virtual double LinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
                                     const int32_t* host_targets, double loss_scale, void* dh, float* dw,
                                     bool overwrite_dw, float logit_soft_cap = 0.f) = 0;
+  // The same without a read-back: the loss stays in a device slot and the return value is its
+  // index in the next TakeDeferredScalars. The training step's form (ops/step_notes.md): the
+  // optimizer's read-back (CudaAdamW::Step) fetches the slots with its own state, so a step
+  // synchronises once, at its end, instead of also after the LM head, before the backward is
+  // enqueued.
+  virtual int LinearCrossEntropyDeferred(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
+                                         const int32_t* host_targets, double loss_scale, void* dh, float* dw,
+                                         bool overwrite_dw, float logit_soft_cap = 0.f) = 0;
+  // The deferred scalars since the last take, in slot order (synchronises the stream only when
+  // some have not been fetched by a read-back yet). One user at a time: indices count from the
+  // last take.
+  virtual std::vector<double> TakeDeferredScalars() = 0;
 
   // Recurrent blocks (ops/cuda_recurrent.h): glue kernels of ops/recurrent_cuda.h and the cells
   // of kernels/cuda. `backward` selects the backward pass of the same arguments.
@@ -265,6 +278,9 @@ class CudaBackend {
     double seconds = 0;
     double flops = 0;  // GEMMs only
     int64_t calls = 0;
+    // Device time in no op right before this op's calls (from the previous op's end, or from the
+    // step mark for a step's first op), summed; nested ops (an op called inside another) none.
+    double gap_seconds = 0;
   };
   virtual void SetOpProfiling(bool on) = 0;
   // cudaProfilerStart / Stop: brackets what an external profiler started with
@@ -272,6 +288,24 @@ class CudaBackend {
   // --profile_graph_steps). No effect without one.
   virtual void ProfilerRange(bool start) = 0;
   virtual std::vector<OpTime> TakeOpProfile() = 0;
+  // The gaps of the last TakeOpProfile: the largest with the ops on either side, a histogram
+  // by size, and the device's span of the marked steps (first mark -> last op of each step).
+  struct OpGap {
+    double seconds = 0;
+    std::string before, after;  // "(step start)" for a step mark
+  };
+  struct OpGaps {
+    std::vector<OpGap> largest;  // the 12 largest, largest first
+    // by size: < 2 us, < 5 us, < 20 us, < 100 us, >= 100 us
+    int64_t counts[5] = {0, 0, 0, 0, 0};
+    double seconds[5] = {0, 0, 0, 0, 0};
+    double span_seconds = 0;  // Σ over marked steps of (mark -> the step's last op end)
+    int64_t steps = 0;        // step marks
+  };
+  virtual OpGaps TakeOpGaps() = 0;
+  // Marks the start of a step for the gaps (an event alone, recorded when the host starts the
+  // step: the step's first op gets the gap since then). No effect when profiling is off.
+  virtual void OpProfileStepStart() = 0;
   // Brackets an op launched outside the backend (ops/cuda_infer.h's decode kernels) for the op
   // profile: Begin returns -1 when profiling is off (End(-1) does nothing). Never inside a graph
   // capture (benchmarks profile eager steps only).

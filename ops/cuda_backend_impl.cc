@@ -6,6 +6,7 @@
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -28,6 +29,7 @@
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/norm.h"
+#include "kernels/cuda/pinned_upload.h"
 #include "kernels/cuda/rope.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer.h"
@@ -67,14 +69,19 @@ void Die(const kc::CudaResult& r, const char* what) {
 #define CUDA_OR_DIE(expr) Die(kc::CudaError((expr), #expr, __FILE__, __LINE__), #expr)
 
 // Per-op GPU time (CudaBackend::SetOpProfiling): event pairs on the stream, reused across
-// takes; labels interned in first-seen order.
+// takes; labels interned in first-seen order. The device's gaps: the ops opened at depth 0 run in
+// stream order, so the time from one's end event to the next one's begin event is device time
+// in no op (the device waiting for the host, or work outside every bracket); a step mark
+// (OpProfileStepStart) is an event alone, recorded when the host starts a step, so the first op
+// of a step gets the gap since the host began it (the host time between steps is in no gap).
 class OpProfiler {
  public:
   bool on() const { return on_; }
   void set_on(bool on) { on_ = on; }
   void set_stream(cudaStream_t s) { stream_ = s; }
 
-  // RAII bracket; free when profiling is off.
+  // RAII bracket; free when profiling is off. Close ends it early (before a read-back, so the
+  // host's wait is a gap, not the op's time).
   class Scope {
    public:
     Scope(OpProfiler* p, const char* label, double flops = 0) : p_(p) {
@@ -83,8 +90,10 @@ class OpProfiler {
     Scope(OpProfiler* p, const std::string& label, double flops) : p_(p) {
       if (p_->on_) index_ = p_->Begin(label, flops);
     }
-    ~Scope() {
+    ~Scope() { Close(); }
+    void Close() {
       if (index_ >= 0) p_->End(index_);
+      index_ = -1;
     }
     Scope(const Scope&) = delete;
     Scope& operator=(const Scope&) = delete;
@@ -94,19 +103,70 @@ class OpProfiler {
     int index_ = -1;
   };
 
+  void MarkStepStart() {
+    if (!on_) return;
+    const int i = NextRecord();
+    records_[i] = {kStepMark, 0, 0};
+    CUDA_OR_DIE(cudaEventRecord(events_[i].first, stream_));
+  }
+
   std::vector<CudaBackend::OpTime> Take() {
     std::vector<CudaBackend::OpTime> out(labels_.size());
     if (next_ > 0) CUDA_OR_DIE(cudaStreamSynchronize(stream_));
     for (const auto& [label, i] : labels_) out[i].label = label;
+    CudaBackend::OpGaps gaps;
+    std::vector<CudaBackend::OpGap> all;
+    int prev = -1;  // the last depth-0 op or step mark
+    double step_begin_ms = 0, last_end_ms = 0;
+    bool in_step = false;
+    cudaEvent_t origin = next_ > 0 ? events_[0].first : nullptr;
+    const auto at = [&](cudaEvent_t e) {  // ms since the first record
+      float ms = 0;
+      CUDA_OR_DIE(cudaEventElapsedTime(&ms, origin, e));
+      return static_cast<double>(ms);
+    };
+    const auto label_of = [&](int i) {
+      return records_[i].label == kStepMark ? std::string("(step start)") : out[records_[i].label].label;
+    };
     for (int i = 0; i < next_; ++i) {
+      const Record& r = records_[i];
+      if (r.label == kStepMark) {
+        if (in_step) gaps.span_seconds += 1e-3 * (last_end_ms - step_begin_ms);
+        in_step = true;
+        gaps.steps += 1;
+        step_begin_ms = last_end_ms = at(events_[i].first);
+        prev = i;
+        continue;
+      }
       float ms = 0;
       CUDA_OR_DIE(cudaEventElapsedTime(&ms, events_[i].first, events_[i].second));
-      CudaBackend::OpTime& t = out[records_[i].label];
+      CudaBackend::OpTime& t = out[r.label];
       t.seconds += 1e-3 * ms;
-      t.flops += records_[i].flops;
+      t.flops += r.flops;
       t.calls += 1;
+      if (r.depth != 0) continue;
+      if (prev >= 0) {
+        const cudaEvent_t prev_end = records_[prev].label == kStepMark ? events_[prev].first : events_[prev].second;
+        float g = 0;
+        CUDA_OR_DIE(cudaEventElapsedTime(&g, prev_end, events_[i].first));
+        const double seconds = std::max(0.0, 1e-3 * g);
+        t.gap_seconds += seconds;
+        int bucket = 0;
+        while (bucket < 4 && seconds >= kBucketEdges[bucket]) ++bucket;
+        gaps.counts[bucket] += 1;
+        gaps.seconds[bucket] += seconds;
+        all.push_back({seconds, label_of(prev), t.label});
+      }
+      last_end_ms = at(events_[i].second);
+      prev = i;
     }
+    if (in_step) gaps.span_seconds += 1e-3 * (last_end_ms - step_begin_ms);
+    std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
+    if (all.size() > 12) all.resize(12);
+    gaps.largest = std::move(all);
+    last_gaps_ = std::move(gaps);
     next_ = 0;
+    depth_ = 0;
     labels_.clear();
     std::vector<CudaBackend::OpTime> used;
     for (auto& t : out) {
@@ -115,13 +175,21 @@ class OpProfiler {
     return used;
   }
 
+  CudaBackend::OpGaps TakeGaps() { return std::exchange(last_gaps_, CudaBackend::OpGaps()); }
+
+  // Gap size buckets (seconds): < 2 us (a launch's own bubble between queued kernels), < 5 us,
+  // < 20 us, < 100 us, >= 100 us (the host behind: a read-back's round trip, host work).
+  static constexpr double kBucketEdges[4] = {2e-6, 5e-6, 20e-6, 100e-6};
+
  private:
+  static constexpr int kStepMark = -1;
   struct Record {
-    int label = 0;
+    int label = 0;  // kStepMark: a step mark (first event only)
     double flops = 0;
+    int depth = 0;  // brackets open when this one began (nested ops are in no gap)
   };
 
-  int Begin(const std::string& label, double flops) {
+  int NextRecord() {
     if (next_ == static_cast<int>(events_.size())) {
       std::pair<cudaEvent_t, cudaEvent_t> e;
       CUDA_OR_DIE(cudaEventCreate(&e.first));
@@ -129,12 +197,20 @@ class OpProfiler {
       events_.push_back(e);
       records_.emplace_back();
     }
-    auto it = labels_.emplace(label, static_cast<int>(labels_.size())).first;
-    records_[next_] = {it->second, flops};
-    CUDA_OR_DIE(cudaEventRecord(events_[next_].first, stream_));
     return next_++;
   }
-  void End(int i) { CUDA_OR_DIE(cudaEventRecord(events_[i].second, stream_)); }
+
+  int Begin(const std::string& label, double flops) {
+    const int i = NextRecord();
+    auto it = labels_.emplace(label, static_cast<int>(labels_.size())).first;
+    records_[i] = {it->second, flops, depth_++};
+    CUDA_OR_DIE(cudaEventRecord(events_[i].first, stream_));
+    return i;
+  }
+  void End(int i) {
+    CUDA_OR_DIE(cudaEventRecord(events_[i].second, stream_));
+    if (depth_ > 0) --depth_;
+  }
 
  public:
   // Begin / End for ops outside this file (CudaBackend::OpProfileBegin): -1 when off.
@@ -151,11 +227,77 @@ class OpProfiler {
   std::vector<Record> records_;
   std::map<std::string, int> labels_;
   int next_ = 0;
+  int depth_ = 0;
+  CudaBackend::OpGaps last_gaps_;
+};
+
+// Host scalars that device ops produce during a step (the LM head's loss sums), kept in device
+// slots instead of being read back one by one: each read-back is a stream synchronisation, and
+// one in the middle of the step leaves the device idle until the host has enqueued the next ops
+// (bench/RESULTS.md, session 22, async22). The optimizer's read-back (Adam::Step) copies the
+// pending slots beside its own state before its one synchronisation; TakeDeferredScalars
+// returns them (synchronising only when no read-back has fetched them yet). A pinned host
+// buffer, so the copies are plain DMAs on the stream. Slots are reused after a take: the stream
+// orders a slot's next write after the copy of its last value. One thread drives the backend.
+class DeferredScalars {
+ public:
+  static constexpr int kSlots = 64;
+
+  // The next slot's device address; *index: its position in the next TakeAll. A full set of
+  // slots is fetched first (a copy and a synchronisation), so any number can be pending.
+  double* Next(kc::DeviceAllocator* alloc, cudaStream_t stream, int* index) {
+    if (device_.get() == nullptr) {
+      OK_OR_DIE(alloc->Allocate(kSlots * sizeof(double), &device_));
+      void* p = nullptr;
+      CUDA_OR_DIE(cudaHostAlloc(&p, kSlots * sizeof(double), cudaHostAllocPortable));
+      host_ = static_cast<double*>(p);  // never freed (process-wide backend)
+    }
+    if (pending_ == kSlots) Fetch(stream);
+    *index = static_cast<int>(values_.size()) + pending_;
+    return device_.as<double>() + pending_++;
+  }
+  // Enqueues the copy of the pending slots into the pinned buffer; the caller synchronises the
+  // stream, then calls Collect. Nothing to copy: no-op.
+  void EnqueueCopy(cudaStream_t stream) {
+    copying_ = pending_;
+    if (copying_ > 0) {
+      CUDA_OR_DIE(cudaMemcpyAsync(host_, device_.get(), copying_ * sizeof(double), cudaMemcpyDeviceToHost, stream));
+    }
+  }
+  void Collect() {
+    GYRE_CHECK(pending_ == copying_, "DeferredScalars: a slot was handed out between EnqueueCopy and Collect");
+    values_.insert(values_.end(), host_, host_ + copying_);
+    pending_ -= copying_;
+    copying_ = 0;
+  }
+  void Fetch(cudaStream_t stream) {
+    if (pending_ == 0) return;
+    EnqueueCopy(stream);
+    CUDA_OR_DIE(cudaStreamSynchronize(stream));
+    Collect();
+  }
+  std::vector<double> TakeAll(cudaStream_t stream) {
+    Fetch(stream);
+    return std::exchange(values_, {});
+  }
+
+ private:
+  kc::DeviceBuffer device_;
+  double* host_ = nullptr;
+  int pending_ = 0;  // slots [0, pending_) written (or to be written) by enqueued ops, not fetched
+  int copying_ = 0;  // of those, the ones whose copy EnqueueCopy enqueued
+  std::vector<double> values_;  // fetched, in slot order, since the last TakeAll
 };
 
 class Adam final : public CudaAdamW {
  public:
-  Adam(kc::DeviceAllocator* alloc, cudaStream_t stream, OpProfiler* prof) : alloc_(alloc), stream_(stream), prof_(prof) {}
+  Adam(kc::DeviceAllocator* alloc, cudaStream_t stream, OpProfiler* prof, DeferredScalars* scalars)
+      : alloc_(alloc), stream_(stream), prof_(prof), scalars_(scalars) {
+    void* p = nullptr;
+    CUDA_OR_DIE(cudaHostAlloc(&p, sizeof(kc::AdamWStepState), cudaHostAllocPortable));
+    state_host_ = static_cast<kc::AdamWStepState*>(p);
+  }
+  ~Adam() override { cudaFreeHost(state_host_); }
   void Init(const std::vector<CudaAdamWTensor>& tensors, const kc::AdamWHyper& hyper) {
     std::vector<kc::AdamWTensor> ts;
     for (const CudaAdamWTensor& t : tensors) {
@@ -171,12 +313,19 @@ class Adam final : public CudaAdamW {
     }
     OK_OR_DIE(adam_.Init(ts, hyper, alloc_, stream_));
   }
+  // The step's one read-back: the norm / skip state and every pending deferred scalar (the
+  // step's loss) in one synchronisation. The profiled op ends before it (the wait is a gap).
   double Step(double lr, double max_grad_norm) override {
-    OpProfiler::Scope scope(prof_, "adamw+clip (norm, clip, step, bf16 copy, read-back)");
-    OK_OR_DIE(adam_.Step(lr, max_grad_norm, stream_));
-    kc::AdamWStepState st;
-    CUDA_OR_DIE(cudaMemcpyAsync(&st, adam_.device_state(), sizeof(st), cudaMemcpyDeviceToHost, stream_));
+    {
+      OpProfiler::Scope scope(prof_, "adamw+clip (norm, clip, step, bf16 copy)");
+      OK_OR_DIE(adam_.Step(lr, max_grad_norm, stream_));
+    }
+    CUDA_OR_DIE(cudaMemcpyAsync(state_host_, adam_.device_state(), sizeof(kc::AdamWStepState), cudaMemcpyDeviceToHost,
+                                stream_));
+    scalars_->EnqueueCopy(stream_);
     CUDA_OR_DIE(cudaStreamSynchronize(stream_));
+    scalars_->Collect();
+    const kc::AdamWStepState st = *state_host_;
     if (st.skipped) adam_.UndoStep();
     return st.grad_norm;
   }
@@ -187,6 +336,8 @@ class Adam final : public CudaAdamW {
   kc::DeviceAllocator* alloc_;
   cudaStream_t stream_;
   OpProfiler* prof_;
+  DeferredScalars* scalars_;
+  kc::AdamWStepState* state_host_ = nullptr;  // pinned
   kc::FusedAdamW adam_;
 };
 
@@ -422,6 +573,7 @@ class Backend final : public CudaBackend {
                                     : dst_device == Device::kCuda                               ? "CopyBytes h2d"
                                                                                                 : "CopyBytes d2h");
     CUDA_OR_DIE(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
+    scope.Close();  // the wait below is the host's, a gap in the op profile
     if (dst_device != Device::kCuda || src_device != Device::kCuda) CUDA_OR_DIE(cudaStreamSynchronize(stream_));
   }
 
@@ -498,6 +650,7 @@ class Backend final : public CudaBackend {
     OK_OR_DIE(cuda_ops::SumSquaresPartials(x, BF16(dtype), n, partials.as<double>(), kMax, &blocks, stream_));
     std::vector<double> host(blocks);
     CUDA_OR_DIE(cudaMemcpyAsync(host.data(), partials.get(), blocks * sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    scope.Close();
     CUDA_OR_DIE(cudaStreamSynchronize(stream_));
     double s = 0;
     for (double v : host) s += v;
@@ -537,18 +690,18 @@ class Backend final : public CudaBackend {
     OpProfiler::Scope scope(&prof_, "EmbeddingForward");
     kc::DeviceBuffer ids;
     OK_OR_DIE(alloc_->Allocate(rows * sizeof(int32_t), &ids));
-    CUDA_OR_DIE(cudaMemcpyAsync(ids.get(), host_ids, rows * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    Upload(ids.get(), host_ids, rows * sizeof(int32_t));
     OK_OR_DIE(kc::EmbeddingForward(ids.as<int32_t>(), static_cast<const bf16*>(table), static_cast<bf16*>(out), rows,
                                    vocab, dim, nullptr, stream_));
-    // A pageable host->device copy has left the host buffer by the time it returns; `ids` goes
-    // back to the cache and the stream orders its reuse after the kernel.
+    // Upload has left the host buffer by the time it returns; `ids` goes back to the cache and
+    // the stream orders its reuse after the kernel.
   }
 
   void EmbeddingBackward(const int32_t* host_ids, int64_t rows, const void* dy, float* dweight, int64_t vocab,
                          int64_t dim, bool overwrite) override {
     Init();
     OpProfiler::Scope scope(&prof_, "EmbeddingBackward");
-    OK_OR_DIE(embedding_plan_.Build(host_ids, rows, vocab, alloc_, stream_));
+    OK_OR_DIE(embedding_plan_.Build(host_ids, rows, vocab, alloc_, stream_, StagedUploads() ? &uploads_ : nullptr));
     OK_OR_DIE(kc::EmbeddingBackward(embedding_plan_, static_cast<const bf16*>(dy), dweight, dim, overwrite, stream_));
   }
 
@@ -688,39 +841,32 @@ class Backend final : public CudaBackend {
                             bool overwrite_dw, float logit_soft_cap) override {
     Init();
     OpProfiler::Scope scope(&prof_, "LinearCrossEntropy");
-    kc::DeviceBuffer targets, token_loss, loss_sum;
-    OK_OR_DIE(alloc_->Allocate(tokens * sizeof(int32_t), &targets));
-    OK_OR_DIE(alloc_->Allocate(tokens * sizeof(float), &token_loss));
+    kc::DeviceBuffer loss_sum;
     OK_OR_DIE(alloc_->Allocate(sizeof(double), &loss_sum));
-    CUDA_OR_DIE(cudaMemcpyAsync(targets.get(), host_targets, tokens * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-    kc::LinearCrossEntropyArgs a;
-    a.tokens = tokens;
-    a.dim = dim;
-    a.vocab = vocab;
-    a.h = static_cast<const bf16*>(h);
-    a.w = static_cast<const bf16*>(w);
-    a.targets = targets.as<int32_t>();
-    a.loss_scale = static_cast<float>(loss_scale);
-    a.token_loss = token_loss.as<float>();
-    a.loss_sum = loss_sum.as<double>();
-    a.dh = static_cast<bf16*>(dh);
-    a.dw = dw;
-    a.overwrite_dw = overwrite_dw;
-    // Token rows per chunk: the bf16 logits buffer is chunk x vocab (16384 x 50304: 1.65 GB, what
-    // 8192 fp32 rows took before). Session 6 (lce6, H100, 32K x 50304 x 768, bench/lce_bench.cc):
-    // 8192 / 16384 / 32768 took 14.76 / 13.46 / 13.80 ms (first call: within 0.25 ms); at 16384
-    // the dh GEMM [chunk, 768] is 2.9 waves of 128x256 tiles on 132 SMs instead of 1.45.
-    a.chunk_tokens = 16384;
-    // GYRE_LCE_ROWS (kernels/cuda/cross_entropy_notes.md): "lean" (default since session 18) the
-    // row kernel with fewer instructions a logit; "staged" its reference, the same bits.
-    static const bool lean_rows = EnvChoice("GYRE_LCE_ROWS", {"lean", "staged"}, "lean") == "lean";
-    a.lean_rows = lean_rows;
-    a.logit_soft_cap = logit_soft_cap;
-    OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
+    EnqueueLinearCrossEntropy(h, w, tokens, dim, vocab, host_targets, loss_scale, dh, dw, overwrite_dw, logit_soft_cap,
+                              loss_sum.as<double>());
     double loss = 0;
     CUDA_OR_DIE(cudaMemcpyAsync(&loss, loss_sum.get(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    scope.Close();
     CUDA_OR_DIE(cudaStreamSynchronize(stream_));
     return loss;
+  }
+
+  int LinearCrossEntropyDeferred(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
+                                 const int32_t* host_targets, double loss_scale, void* dh, float* dw,
+                                 bool overwrite_dw, float logit_soft_cap) override {
+    Init();
+    OpProfiler::Scope scope(&prof_, "LinearCrossEntropy");
+    int index = 0;
+    double* slot = scalars_.Next(alloc_, stream_, &index);
+    EnqueueLinearCrossEntropy(h, w, tokens, dim, vocab, host_targets, loss_scale, dh, dw, overwrite_dw, logit_soft_cap,
+                              slot);
+    return index;
+  }
+
+  std::vector<double> TakeDeferredScalars() override {
+    Init();
+    return scalars_.TakeAll(stream_);
   }
 
   void GroupNorm(bool backward, const GroupNormArgs& a) override {
@@ -1036,7 +1182,7 @@ class Backend final : public CudaBackend {
   std::unique_ptr<CudaAdamW> NewAdamW(const std::vector<CudaAdamWTensor>& tensors, double beta1, double beta2,
                                       double eps, double weight_decay) override {
     Init();
-    auto adam = std::make_unique<Adam>(alloc_, stream_, &prof_);
+    auto adam = std::make_unique<Adam>(alloc_, stream_, &prof_, &scalars_);
     kc::AdamWHyper hyper;
     hyper.beta1 = beta1;
     hyper.beta2 = beta2;
@@ -1054,6 +1200,13 @@ class Backend final : public CudaBackend {
   std::vector<OpTime> TakeOpProfile() override {
     Init();
     return prof_.Take();
+  }
+
+  OpGaps TakeOpGaps() override { return prof_.TakeGaps(); }
+
+  void OpProfileStepStart() override {
+    Init();
+    if (!capturing_) prof_.MarkStepStart();
   }
 
   int OpProfileBegin(const char* label) override {
@@ -1081,6 +1234,53 @@ class Backend final : public CudaBackend {
   }
 
  private:
+  // The fused LM head + cross entropy (kernels/cuda/cross_entropy.h), its loss sum into the device
+  // double *loss_sum; no read-back.
+  void EnqueueLinearCrossEntropy(const void* h, const void* w, int64_t tokens, int64_t dim, int64_t vocab,
+                                 const int32_t* host_targets, double loss_scale, void* dh, float* dw,
+                                 bool overwrite_dw, float logit_soft_cap, double* loss_sum) {
+    kc::DeviceBuffer targets, token_loss;
+    OK_OR_DIE(alloc_->Allocate(tokens * sizeof(int32_t), &targets));
+    OK_OR_DIE(alloc_->Allocate(tokens * sizeof(float), &token_loss));
+    Upload(targets.get(), host_targets, tokens * sizeof(int32_t));
+    kc::LinearCrossEntropyArgs a;
+    a.tokens = tokens;
+    a.dim = dim;
+    a.vocab = vocab;
+    a.h = static_cast<const bf16*>(h);
+    a.w = static_cast<const bf16*>(w);
+    a.targets = targets.as<int32_t>();
+    a.loss_scale = static_cast<float>(loss_scale);
+    a.token_loss = token_loss.as<float>();
+    a.loss_sum = loss_sum;
+    a.dh = static_cast<bf16*>(dh);
+    a.dw = dw;
+    a.overwrite_dw = overwrite_dw;
+    // Token rows per chunk: the bf16 logits buffer is chunk x vocab (16384 x 50304: 1.65 GB, what
+    // 8192 fp32 rows took before). Session 6 (lce6, H100, 32K x 50304 x 768, bench/lce_bench.cc):
+    // 8192 / 16384 / 32768 took 14.76 / 13.46 / 13.80 ms (first call: within 0.25 ms); at 16384
+    // the dh GEMM [chunk, 768] is 2.9 waves of 128x256 tiles on 132 SMs instead of 1.45.
+    a.chunk_tokens = 16384;
+    // GYRE_LCE_ROWS (kernels/cuda/cross_entropy_notes.md): "lean" (default since session 18) the
+    // row kernel with fewer instructions a logit; "staged" its reference, the same bits.
+    static const bool lean_rows = EnvChoice("GYRE_LCE_ROWS", {"lean", "staged"}, "lean") == "lean";
+    a.lean_rows = lean_rows;
+    a.logit_soft_cap = logit_soft_cap;
+    OK_OR_DIE(kc::LinearCrossEntropy(gemm_.get(), alloc_, a, stream_));
+  }
+
+  // Host -> device uploads of the step (token ids, targets, the embedding plan) through pinned
+  // staging buffers (kernels/cuda/pinned_upload.h, ops/step_notes.md), except during a graph
+  // capture (an event record there would be captured; eager steps are never captured).
+  bool StagedUploads() const { return !capturing_; }
+  void Upload(void* device_dst, const void* host_src, size_t bytes) {
+    if (StagedUploads()) {
+      OK_OR_DIE(uploads_.Upload(device_dst, host_src, bytes, stream_));
+      return;
+    }
+    CUDA_OR_DIE(cudaMemcpyAsync(device_dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
+  }
+
   // "gemm M x N x K NT -> f32 (+=)": the row-major shape, transposes, output type, accumulation.
   static std::string GemmLabel(const CudaGemm& g) {
     char buf[128];
@@ -1153,6 +1353,8 @@ class Backend final : public CudaBackend {
   kc::DeviceAllocator* alloc_ = nullptr;
   std::unique_ptr<kc::GemmContext> gemm_;
   kc::EmbeddingBackwardPlan embedding_plan_;
+  DeferredScalars scalars_;
+  kc::PinnedUploads uploads_;
   std::map<std::pair<int64_t, double>, std::unique_ptr<kc::RopeTable>> rope_tables_;
 };
 

@@ -150,9 +150,11 @@ inline std::vector<char> HostBytes(const Tensor& t) {
 // `steps` AdamW steps (peak lr 3e-3, warm-up 1, clip 1.0; the deferred-zero step path of
 // Trainer) from a fresh CUDA model of seed 11, step s on RandomTokens(B * (T + 1), vocab, 100 + s).
 // A failure is a gtest failure and returns what was collected so far. `auto_kept` (optional): the
-// model's auto_kept_layers() after the last step.
+// model's auto_kept_layers() after the last step. `split_step`: each step as ComputeGradients
+// (the loss read back at the end of the pass) + ApplyUpdate instead of Trainer::Step (the loss
+// fetched by the optimizer's read-back), the same arithmetic.
 inline TrainBits TrainStepsForBits(const ModelSpec& spec, int64_t B, int64_t T, int steps = 3,
-                                   int64_t* auto_kept = nullptr) {
+                                   int64_t* auto_kept = nullptr, bool split_step = false) {
   TrainBits out;
   auto m = LanguageModel::Create(spec, DType::kF32, Device::kCuda, 11);
   EXPECT_TRUE(m.ok()) << m.status();
@@ -164,7 +166,16 @@ inline TrainBits TrainStepsForBits(const ModelSpec& spec, int64_t B, int64_t T, 
   Trainer trainer(m->get(), opt);
   for (int step = 0; step < steps; ++step) {
     const auto tokens = RandomTokens(B * (T + 1), spec.vocab_size, 100 + step);
-    auto st = trainer.Step(tokens, B, T, step);
+    absl::StatusOr<StepStats> st;
+    if (split_step) {
+      StepStats s;
+      s.loss = trainer.ComputeGradients(tokens, B, T, 1.0 / static_cast<double>(B * T));
+      const absl::StatusOr<UpdateStats> u = trainer.ApplyUpdate(step);
+      if (u.ok()) s.update = *u;
+      st = u.ok() ? absl::StatusOr<StepStats>(s) : absl::StatusOr<StepStats>(u.status());
+    } else {
+      st = trainer.Step(tokens, B, T, step);
+    }
     EXPECT_TRUE(st.ok()) << st.status();
     if (!st.ok()) return out;
     out.losses.push_back(st->loss.loss);

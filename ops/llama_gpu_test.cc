@@ -15,7 +15,9 @@
 //   train:   20 AdamW steps (clip 1.0, lr 3e-3 warm-up 5) on the GPU vs the CPU in fp32 from the
 //            same initial weights: the loss curves agree step by step;
 //   bitwise: with ModelSpec::deterministic (train.deterministic) three training steps run twice
-//            give the same bits (losses, parameters, gradients); off: the counts are printed.
+//            give the same bits (losses, parameters, gradients); off: the counts are printed;
+//            Trainer::Step's one read-back equals ComputeGradients + ApplyUpdate bit for bit;
+//            deferred losses beyond the backend's slots come back in order.
 // Every check prints `[PASS|FAIL] name shape rel_err tol`.
 #include <cmath>
 #include <cstdio>
@@ -321,6 +323,70 @@ TEST_F(LlamaGpuTest, FusedLmHeadCrossEntropyAtGpt2Vocabularies) {
       EXPECT_TRUE(Check("lm-head CE dW " + tag, dw, dw_want, 1e-2));
     }
   }
+}
+
+// The step's one read-back (ops/step_notes.md): Trainer::Step leaves the LM heads' losses on the
+// device until the optimizer's read-back fetches them with the gradient norm; ComputeGradients +
+// ApplyUpdate (the worker's split) reads them back at the end of the pass, then the norm. Same
+// kernels in the same order, so three steps (two MTP heads: two deferred losses a step;
+// deterministic attention so that both runs can be bitwise equal) give the same bits in every
+// loss, gradient norm, parameter and gradient. (Session 22's device run of this test compared
+// Trainer::Step with the per-op read-backs of the old step instead, GYRE_STEP_READBACK=per_op,
+// since deleted: the same bits.)
+TEST_F(LlamaGpuTest, OneReadBackStepEqualsTheSplitStep) {
+  ModelSpec spec = SmallLlama();
+  spec.mtp_heads = 2;
+  spec.deterministic = true;
+  const int64_t B = 2, T = 256;
+  TrainBits runs[2];
+  for (int run = 0; run < 2; ++run) {
+    runs[run] = TrainStepsForBits(spec, B, T, 3, nullptr, /*split_step=*/run == 1);
+    for (size_t step = 0; step < runs[run].losses.size(); ++step) {
+      std::printf("  %s step %zu loss %.17g grad_norm %.17g\n", run == 0 ? "Step " : "split", step,
+                  runs[run].losses[step], runs[run].grad_norms[step]);
+    }
+  }
+  const BitsDiff c = CompareBits(runs[0], runs[1]);
+  const bool finite = runs[0].losses.size() == 3 && std::isfinite(runs[0].losses[2]) && runs[0].losses[2] > 0;
+  std::printf("[%s] one read-back (Step) vs ComputeGradients + ApplyUpdate, 3 steps, 2 heads: steps differing %d/3, "
+              "parameters %d/%zu, gradients %d/%zu%s\n",
+              c.Same() && finite ? "PASS" : "FAIL", c.steps, c.values, c.params, c.grads, c.params,
+              c.Names(300, /*tagged=*/true).c_str());
+  EXPECT_TRUE(finite);
+  EXPECT_TRUE(c.Same());
+}
+
+// More deferred losses than the backend's slots (64) before one take: the full set is fetched
+// on the way (DeferredScalars::Next), and the take returns all 70 in order, each bit for bit the
+// loss that the read-back form (CrossEntropyOptions::defer_loss off) returns for the same call.
+TEST_F(LlamaGpuTest, DeferredLossesBeyondTheSlotsComeBackInOrder) {
+  const int64_t tokens = 33, dim = 64, vocab = 1000;
+  Rng rng(5);
+  const Tensor h = ToCudaBf16(RandomBf16Host({tokens, dim}, 1.0, &rng));
+  const Tensor w = ToCudaBf16(RandomBf16Host({vocab, dim}, 3.0 / std::sqrt(double(dim)), &rng));
+  std::vector<int32_t> targets(tokens);
+  for (int64_t r = 0; r < tokens; ++r) targets[r] = static_cast<int32_t>(rng.Next() % vocab);
+  const int n = 70;
+  std::vector<double> want(n);
+  for (int i = 0; i < n; ++i) want[i] = FusedLmHeadCrossEntropy(h, w, targets, 1.0 + i, {}, nullptr, nullptr).loss;
+  CrossEntropyOptions deferred;
+  deferred.defer_loss = true;
+  std::vector<int> index(n);
+  for (int i = 0; i < n; ++i) {
+    const CrossEntropyResult r = FusedLmHeadCrossEntropy(h, w, targets, 1.0 + i, deferred, nullptr, nullptr);
+    index[i] = r.deferred_index;
+    EXPECT_TRUE(std::isnan(r.loss));
+  }
+  const std::vector<double> got = Cuda().TakeDeferredScalars();
+  int same = 0;
+  for (int i = 0; i < n; ++i) {
+    same += index[i] == i && i < static_cast<int>(got.size()) && SameBits(got[i], want[i]) && want[i] > 0;
+  }
+  std::printf("[%s] %d deferred losses (64 slots): %zu taken, %d/%d bitwise equal to the read-back form, in order\n",
+              same == n && got.size() == static_cast<size_t>(n) ? "PASS" : "FAIL", n, got.size(), same, n);
+  EXPECT_EQ(got.size(), static_cast<size_t>(n));
+  EXPECT_EQ(same, n);
+  EXPECT_TRUE(Cuda().TakeDeferredScalars().empty());  // a take clears them
 }
 
 // Recurrent blocks run on CUDA (ops/recurrent_gpu_test.cc); shapes their kernels do not cover

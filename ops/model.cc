@@ -221,12 +221,46 @@ std::vector<int32_t> LanguageModel::HeadTargets(std::span<const int32_t> tokens,
 
 LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
                                           double loss_scale) {
+  ForwardBackwardDeferred(tokens, batch, seq, loss_scale);
+  return TakeLoss();
+}
+
+LossResult LanguageModel::TakeLoss() {
+  GYRE_CHECK(loss_pending_, "TakeLoss without a ForwardBackwardDeferred");
+  loss_pending_ = false;
+  bool deferred = false;
+  for (const CrossEntropyResult& ce : pending_heads_) deferred |= ce.deferred_index >= 0;
+  std::vector<double> fetched;
+  if (deferred) fetched = Cuda().TakeDeferredScalars();
+  // The memory-saving order's sums, head by head, as the heads finished.
+  const int n = static_cast<int>(pending_heads_.size());
+  LossResult result;
+  for (int k = 0; k < n; ++k) {
+    const CrossEntropyResult& ce = pending_heads_[k];
+    double loss = ce.loss;
+    if (ce.deferred_index >= 0) {
+      GYRE_CHECK(ce.deferred_index < static_cast<int>(fetched.size()),
+                 "TakeLoss: deferred loss %d of %zu (were the deferred scalars taken by someone else?)",
+                 ce.deferred_index, fetched.size());
+      loss = fetched[ce.deferred_index];
+    }
+    result.head_losses.push_back(loss * n);
+    result.loss += loss;
+    if (k == 0) result.tokens = ce.tokens;
+  }
+  pending_heads_.clear();
+  return result;
+}
+
+void LanguageModel::ForwardBackwardDeferred(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
+                                            double loss_scale) {
+  GYRE_CHECK(!loss_pending_, "ForwardBackwardDeferred: the previous pass's loss was not taken (TakeLoss)");
   const int n = static_cast<int>(heads_.size());
   auto ready = [&](const std::string& group, const std::vector<Parameter*>& params) {
     store_->ZeroStaleGrads(params);  // never written this step (the deferred-zero rule)
     if (grad_ready_hook) grad_ready_hook(group);
   };
-  LossResult result;
+  pending_heads_.clear();
   Tensor z = TrunkForward(tokens, batch, seq);
   Tensor dz;  // the first head's gradient initialises it (no zero fill + add)
   for (int k = 0; k < n; ++k) {
@@ -237,12 +271,10 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
     if (k == 0) ready("", {});
     CrossEntropyOptions ce_options = ce_options_;
     ce_options.logit_soft_cap = spec_.logit_soft_cap;
+    ce_options.defer_loss = true;
     Tensor& head_grad = HeadGrad(&ce_options.overwrite_dw);
-    CrossEntropyResult ce = FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
-                                                    targets, loss_scale / n, ce_options, &dhn, &head_grad);
-    result.head_losses.push_back(ce.loss * n);
-    result.loss += ce.loss;
-    if (k == 0) result.tokens = ce.tokens;
+    pending_heads_.push_back(FusedLmHeadCrossEntropy(hn.Reshape({batch * seq, spec_.d_model}), HeadWeight(),
+                                                     targets, loss_scale / n, ce_options, &dhn, &head_grad));
     Tensor dh = final_norm_->Backward(dhn.Reshape(h.shape()));
     if (k == 0) dz = heads_[k]->Backward(dh);
     else AddInPlace(&dz, heads_[k]->Backward(dh));
@@ -258,8 +290,8 @@ LossResult LanguageModel::ForwardBackward(std::span<const int32_t> tokens, int64
   ready("embedding", {embedding_->weight()});
   store_->ZeroStaleGrads();  // none left unless a group above missed a parameter
   ReleaseAll();
+  loss_pending_ = true;
   if (++training_passes_ == 2) FitRecomputeToMemory();
-  return result;
 }
 
 void LanguageModel::FitRecomputeToMemory() {

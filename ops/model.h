@@ -47,8 +47,17 @@ class LanguageModel {
   int64_t NumParameters() const { return store_->NumParameters(); }
 
   // tokens: [batch, seq + 1] row-major (inputs are columns 0..seq-1, targets 1..seq).
-  // Accumulates parameter gradients (zero them first); memory-saving head order.
+  // Accumulates parameter gradients (zero them first); memory-saving head order. On CUDA the
+  // loss is read back once, after the whole pass is enqueued (ForwardBackwardDeferred + TakeLoss).
   LossResult ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq, double loss_scale);
+  // ForwardBackward without waiting for the loss: on CUDA each head's loss sum stays on the
+  // device (CrossEntropyOptions::defer_loss) until TakeLoss, so the host never waits in the
+  // middle of the step; the optimizer's read-back (CudaAdamW::Step, Trainer::Step) fetches the
+  // sums with the gradient norm in one synchronisation. TakeLoss returns what ForwardBackward
+  // would have (the same sums combined in the same order); it synchronises only if no read-back
+  // has fetched them. One pass at a time: TakeLoss before the next pass (ops/step_notes.md).
+  void ForwardBackwardDeferred(std::span<const int32_t> tokens, int64_t batch, int64_t seq, double loss_scale);
+  LossResult TakeLoss();
   // The same loss and gradients computed in the naive order (all heads forward, then all
   // backward). For tests of the memory-saving order.
   LossResult ForwardBackwardAllHeads(std::span<const int32_t> tokens, int64_t batch, int64_t seq,
@@ -154,6 +163,9 @@ class LanguageModel {
   std::vector<std::vector<Parameter*>> trunk_params_, head_params_;
   std::vector<Parameter*> final_norm_params_;
   CrossEntropyOptions ce_options_;
+  // ForwardBackwardDeferred's heads (losses or deferred slots), until TakeLoss.
+  std::vector<CrossEntropyResult> pending_heads_;
+  bool loss_pending_ = false;
 };
 
 // Factory for one block of `type` (layer index `layer` of `n_layers`), defined in blocks.cc.

@@ -62,8 +62,13 @@ absl::StatusOr<UpdateStats> Trainer::ApplyUpdate(uint64_t step) {
 
 absl::StatusOr<StepStats> Trainer::Step(std::span<const int32_t> tokens, int64_t batch, int64_t seq, uint64_t step) {
   StepStats s;
-  s.loss = ComputeGradients(tokens, batch, seq, 1.0 / static_cast<double>(batch * seq));
+  // The loss stays on the device (CUDA) until the optimizer's read-back fetches it with the
+  // gradient norm: one synchronisation a step, at its end (ops/step_notes.md). Taken on the
+  // error path too, so the next pass starts clean.
+  model_->params().DeferZeroGrad();  // the first writer of each gradient overwrites (ops/module.h)
+  model_->ForwardBackwardDeferred(tokens, batch, seq, 1.0 / static_cast<double>(batch * seq));
   auto u = ApplyUpdate(step);
+  s.loss = model_->TakeLoss();
   if (!u.ok()) return u.status();
   s.update = *u;
   return s;

@@ -6,7 +6,8 @@
 //                              step's gradients are replaced (ParamStore::DeferZeroGrad)
 //   ... the worker all-reduces the gradients (SUM) and waits for the coordinator's COMMIT ...
 //   ApplyUpdate(step)          clip to the global norm, AdamW with lr = schedule(step)
-// `Step` does both for a single process. A non-finite gradient norm is refused (no update, an
+// `Step` does both for a single process, with one read-back at its end (the loss travels with
+// the gradient norm; ComputeGradients reads the loss back at its own end). A non-finite gradient norm is refused (no update, an
 // error) so one bad batch cannot poison the weights (torchtitan's train_step does the same).
 // Not thread-safe.
 #pragma once

@@ -94,7 +94,7 @@ CudaResult EmbeddingForward(const int32_t* ids, const __nv_bfloat16* table, __nv
 }
 
 CudaResult EmbeddingBackwardPlan::Build(const int32_t* host_ids, int64_t rows, int64_t vocab,
-                                        DeviceAllocator* alloc, cudaStream_t stream) {
+                                        DeviceAllocator* alloc, cudaStream_t stream, PinnedUploads* uploads) {
   if (rows < 0 || vocab <= 0 || rows > 0x7fffffff) {
     return InvalidArgument("EmbeddingBackwardPlan: bad rows/vocab");
   }
@@ -130,14 +130,15 @@ CudaResult EmbeddingBackwardPlan::Build(const int32_t* host_ids, int64_t rows, i
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(int32_t) * offsets_.size(), &d_offsets_));
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(int32_t) * (rows + 1), &d_rows_));
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(uint32_t) * seen_.size(), &d_seen_));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_seen_.get(), seen_.data(), sizeof(uint32_t) * seen_.size(),
-                                       cudaMemcpyHostToDevice, stream));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_unique_.get(), unique_.data(), sizeof(int32_t) * unique_.size(),
-                                       cudaMemcpyHostToDevice, stream));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_offsets_.get(), offsets_.data(), sizeof(int32_t) * offsets_.size(),
-                                       cudaMemcpyHostToDevice, stream));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_rows_.get(), sorted_rows_.data(), sizeof(int32_t) * rows,
-                                       cudaMemcpyHostToDevice, stream));
+  const auto upload = [&](void* dst, const void* src, size_t bytes) -> CudaResult {
+    if (uploads != nullptr) return uploads->Upload(dst, src, bytes, stream);
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+    return {};
+  };
+  CUDA_RETURN_IF_NOT_OK(upload(d_seen_.get(), seen_.data(), sizeof(uint32_t) * seen_.size()));
+  CUDA_RETURN_IF_NOT_OK(upload(d_unique_.get(), unique_.data(), sizeof(int32_t) * unique_.size()));
+  CUDA_RETURN_IF_NOT_OK(upload(d_offsets_.get(), offsets_.data(), sizeof(int32_t) * offsets_.size()));
+  CUDA_RETURN_IF_NOT_OK(upload(d_rows_.get(), sorted_rows_.data(), sizeof(int32_t) * rows));
   return {};
 }
 

@@ -29,6 +29,7 @@
 
 #include "kernels/cuda/device_allocator.h"
 #include "kernels/cuda/device_info.h"
+#include "kernels/cuda/pinned_upload.h"
 
 namespace gyre::cuda {
 
@@ -39,9 +40,11 @@ CudaResult EmbeddingForward(const int32_t* ids, const __nv_bfloat16* table, __nv
 class EmbeddingBackwardPlan {
  public:
   // Counting sort of host ids [rows] over [0, vocab); uploads the plan on `stream` (the host
-  // copies live in the plan until it is destroyed or rebuilt).
+  // copies live in the plan until it is destroyed or rebuilt). With `uploads` the four copies go
+  // through its pinned staging buffers (no pageable copy: the training step's, ops/ CUDA
+  // backend); without, pageable cudaMemcpyAsync.
   CudaResult Build(const int32_t* host_ids, int64_t rows, int64_t vocab, DeviceAllocator* alloc,
-                   cudaStream_t stream);
+                   cudaStream_t stream, PinnedUploads* uploads = nullptr);
   int64_t rows() const { return rows_; }
   int64_t distinct() const { return static_cast<int64_t>(unique_.size()); }
   const int32_t* device_unique() const { return d_unique_.as<int32_t>(); }    // [distinct]
