@@ -86,4 +86,9 @@ CudaResult LaunchAttentionBackwardWgmmaDetPresum(const WgmmaBwdParams& p, int64_
                                                  int64_t kv_heads, int* dq_turns,
                                                  cudaStream_t stream);
 
+// D 64 only, opt-in (GYRE_ATTN_BWD64_Q128=1, attention.cu): the main kernel with 128-query tiles
+// (attention_bwd_q128.cu); same params, dq_acc layout and prep / conversion as the above.
+CudaResult LaunchAttentionBackwardWgmmaQ128(const WgmmaBwdParams& p, int64_t batch,
+                                            int64_t kv_heads, cudaStream_t stream);
+
 }  // namespace gyre::cuda
