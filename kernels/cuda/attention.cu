@@ -943,21 +943,6 @@ BwdPath BackwardPath() {
   return kDefaultBackward;
 }
 
-// GYRE_ATTN_BWD64_Q128 (read once per process; attention_notes.md, attn64b): "1" = the D 64
-// backward's main kernel with 128-query tiles (attention_bwd_q128.cu) instead of
-// attn_bwd_ws_kernel<64>; unset or "0" = the default; anything else is an error. D 128 and the
-// deterministic backward are not affected.
-enum class Q128Mode { kOff, kOn, kUnknown };
-Q128Mode BwdQ128Mode() {
-  static const Q128Mode mode = [] {
-    const char* env = std::getenv("GYRE_ATTN_BWD64_Q128");
-    if (env == nullptr || std::strcmp(env, "0") == 0) return Q128Mode::kOff;
-    if (std::strcmp(env, "1") == 0) return Q128Mode::kOn;
-    return Q128Mode::kUnknown;
-  }();
-  return mode;
-}
-
 // GYRE_ATTN_DETERMINISTIC (read once per process), an override of
 // AttentionBackwardArgs::deterministic for benches and tests: unset = the args decide, "1" = on
 // for every call (the ws backward adds dQ's key blocks in a fixed order, attention_bwd_det.cu),
@@ -1137,11 +1122,6 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     if (dq_turns != nullptr) {
       CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaDeterministic(w, batch, kv_heads, kD,
                                                                       dq_turns, stream));
-    } else if (kD == 64 && BwdQ128Mode() != Q128Mode::kOff) {
-      if (BwdQ128Mode() == Q128Mode::kUnknown) {
-        return {1, "GYRE_ATTN_BWD64_Q128 must be unset, 0 or 1"};
-      }
-      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaQ128(w, batch, kv_heads, stream));
     } else {
       CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
     }

@@ -527,10 +527,10 @@ TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
   EXPECT_EQ(failures, 0);
 }
 
-// D 64 lengths at the edges of 64- and 128-row tiles (the D 64 backward with 128-query tiles,
-// GYRE_ATTN_BWD64_Q128=1, attention_notes.md attn64b: a 128-query tile whose second 64-row half
+// D 64 lengths at the edges of 64- and 128-row tiles (the D 64 backward has 128-query tiles,
+// attention_bwd_q128.cu, attention_notes.md attn64b: a 128-query tile whose second 64-row half
 // is past T adds no dq_acc block; keys past T in the diagonal tile; one tile for the whole
-// sequence), plain and fused RoPE, GQA. Run under the default too (same checks).
+// sequence), plain and fused RoPE, GQA; GYRE_ATTN_BWD64_KFRAG=1 runs the K-fragment form.
 TEST(AttentionGpuTest, D64TileEdgesMatchFloat64Reference) {
   std::mt19937_64 rng(13);
   DeviceAllocator alloc;
@@ -543,9 +543,9 @@ TEST(AttentionGpuTest, D64TileEdgesMatchFloat64Reference) {
     ++checks;
     if (!RunForwardBackward(&alloc, rng, p)) ++failures;
   }
-  const char* q128 = std::getenv("GYRE_ATTN_BWD64_Q128");
-  std::printf("attention_gpu_test d64 edges (GYRE_ATTN_BWD64_Q128=%s): %d of %d problems passed\n",
-              q128 != nullptr ? q128 : "unset", checks - failures, checks);
+  const char* kfrag = std::getenv("GYRE_ATTN_BWD64_KFRAG");
+  std::printf("attention_gpu_test d64 edges (GYRE_ATTN_BWD64_KFRAG=%s): %d of %d problems passed\n",
+              kfrag != nullptr ? kfrag : "unset", checks - failures, checks);
   EXPECT_EQ(failures, 0);
 }
 
