@@ -13,9 +13,9 @@
 // its TMA ring and the block order are BwdWsBody's):
 //   - a query tile has 128 rows. Consumer warpgroup c owns keys 64c..64c+63 and their dK, dV
 //     (fp32 registers), so Sᵀ = K_c Qᵀ and dPᵀ = V_c dOᵀ are m64n128k16 wgmmas (4 each; 64 fp32
-//     accumulators each), Qᵀ / dOᵀ from shared memory, K_c / V_c from shared memory too
-//     (GYRE_ATTN_BWD64_KFRAG=1: K_c as register fragments; V_c's as well do not fit in 240
-//     registers with the 192 of Sᵀ, dPᵀ, dK, dV);
+//     accumulators each), all operands from shared memory (K_c as register fragments was 4-5%
+//     slower, attention_notes.md; K_c and V_c's do not fit in 240 registers beside the 192 of
+//     Sᵀ, dPᵀ, dK, dV);
 //   - dV_c += Pᵀ dO, dK_c += dSᵀ Q: m64n64k16 x 8 (k = 128 queries), A from registers;
 //   - dQ is split by query rows: warpgroup c computes dQ rows 64c..64c+63 of the tile over all
 //     128 keys (m64n64k16 x 8, A = dS from the dSᵀ buffer, M-major, B = K), which needs both
@@ -32,9 +32,6 @@
 //
 // In a translation unit of its own: a second backward kernel beside another changes one
 // address expression of that kernel's PTX (attention_notes.md, attn10).
-#include <cstdlib>
-#include <cstring>
-
 #include "kernels/cuda/attention_wgmma.cuh"
 
 namespace gyre::cuda {
@@ -72,19 +69,7 @@ __device__ __forceinline__ void StShared32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
-// d[0..64) (+)= A·B, m64n128k16, A (bf16 pairs) in registers, B from shared memory (kTransB:
-// N-major, otherwise K-major); `accumulate` 0 overwrites d.
-template <int kTransB>
-__device__ __forceinline__ void WgmmaRS128Acc(float (&d)[64], const uint32_t (&a)[4],
-                                              uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, %70;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB));
-}
-
-template <bool kRope, bool kKFrag>
+template <bool kRope>
 __device__ __forceinline__ void BwdQ128Body(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
                                             const int head_group) {
   using L = BwdQ128Layout;
@@ -207,21 +192,6 @@ __device__ __forceinline__ void BwdQ128Body(const WgmmaBwdParams& p, const BwdTm
     }
   };
 
-  // kKFrag: this warpgroup's 64 K rows as wgmma A fragments (Sᵀ = K_c Qᵀ with A from
-  // registers, 16 per thread), loaded once K has landed (with stage 0 of the first tile). V's as
-  // well (dPᵀ) do not fit: ptxas spills 80 bytes and serialises the wgmmas (C7512).
-  uint32_t kfrag[4][4];
-  if constexpr (kKFrag) {
-    MbWait(full_bar(0), 0);
-    const int rl = 64 * cwg + 16 * warp_in_wg + g;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t off = Sw128Offset<kBN>(rl + 8 * (j % 2), 16 * kk + 8 * (j / 2) + 2 * tq);
-        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(kfrag[kk][j]) : "r"(base + L::kK + off));
-      }
-  }
   for (int it = 0; it < total; ++it) {
     // Loop invariants laundered per tile: the compiler recomputes what it derives from them
     // (shared-memory offsets, the mask's bounds) instead of keeping it in registers across the
@@ -245,12 +215,8 @@ __device__ __forceinline__ void BwdQ128Body(const WgmmaBwdParams& p, const BwdTm
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      if constexpr (kKFrag) {
-        WgmmaRS128Acc<0>(st, kfrag[kk], SmemDescSw128(sQ + kk * 32, 16, 1024), kk > 0);
-      } else {
-        WgmmaSS128<0, 0>(st, SmemDescSw128(kb + 64 * cwg * 128 + kk * 32, 16, 1024),
-                         SmemDescSw128(sQ + kk * 32, 16, 1024), kk > 0);
-      }
+      WgmmaSS128<0, 0>(st, SmemDescSw128(kb + 64 * cwg * 128 + kk * 32, 16, 1024),
+                       SmemDescSw128(sQ + kk * 32, 16, 1024), kk > 0);
     }
     WgmmaCommit();
 #pragma unroll
@@ -425,27 +391,16 @@ __device__ __forceinline__ void BwdQ128Body(const WgmmaBwdParams& p, const BwdTm
   }
 }
 
-template <bool kKFrag>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_q128_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                          const int head_group) {
-  BwdQ128Body</*kRope=*/false, kKFrag>(p, maps, head_group);
+  BwdQ128Body</*kRope=*/false>(p, maps, head_group);
 }
 
-template <bool kKFrag>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_q128_rope_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                               const int head_group) {
-  BwdQ128Body</*kRope=*/true, kKFrag>(p, maps, head_group);
-}
-
-// GYRE_ATTN_BWD64_KFRAG (read at each call: llama_step_bench --variants alternates it): "1" = the
-// K-fragment form (kKFrag), unset or "0" = the plain form; anything else is an error.
-int KFragMode() {
-  const char* env = std::getenv("GYRE_ATTN_BWD64_KFRAG");
-  if (env == nullptr || std::strcmp(env, "0") == 0) return 0;
-  if (std::strcmp(env, "1") == 0) return 1;
-  return -1;
+  BwdQ128Body</*kRope=*/true>(p, maps, head_group);
 }
 
 }  // namespace
@@ -464,12 +419,7 @@ CudaResult LaunchAttentionBackwardWgmmaQ128(const WgmmaBwdParams& p, int64_t bat
   const dim3 grid = BwdGrid(p, batch, kv_heads);
   const int head_group = BwdHeadGroup(p, batch, kv_heads, 64);
   constexpr int smem = BwdQ128Layout::kBytes;
-  const int kfrag = KFragMode();
-  if (kfrag < 0) return {1, "GYRE_ATTN_BWD64_KFRAG must be unset, 0 or 1"};
-  auto* kernel = kfrag ? (p.rope_half > 0 ? attn_bwd_q128_rope_kernel<true>
-                                          : attn_bwd_q128_kernel<true>)
-                       : (p.rope_half > 0 ? attn_bwd_q128_rope_kernel<false>
-                                          : attn_bwd_q128_kernel<false>);
+  auto* kernel = p.rope_half > 0 ? attn_bwd_q128_rope_kernel : attn_bwd_q128_kernel;
   CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);

@@ -530,7 +530,7 @@ TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
 // D 64 lengths at the edges of 64- and 128-row tiles (the D 64 backward has 128-query tiles,
 // attention_bwd_q128.cu, attention_notes.md attn64b: a 128-query tile whose second 64-row half
 // is past T adds no dq_acc block; keys past T in the diagonal tile; one tile for the whole
-// sequence), plain and fused RoPE, GQA; GYRE_ATTN_BWD64_KFRAG=1 runs the K-fragment form.
+// sequence), plain and fused RoPE, GQA.
 TEST(AttentionGpuTest, D64TileEdgesMatchFloat64Reference) {
   std::mt19937_64 rng(13);
   DeviceAllocator alloc;
@@ -543,9 +543,8 @@ TEST(AttentionGpuTest, D64TileEdgesMatchFloat64Reference) {
     ++checks;
     if (!RunForwardBackward(&alloc, rng, p)) ++failures;
   }
-  const char* kfrag = std::getenv("GYRE_ATTN_BWD64_KFRAG");
-  std::printf("attention_gpu_test d64 edges (GYRE_ATTN_BWD64_KFRAG=%s): %d of %d problems passed\n",
-              kfrag != nullptr ? kfrag : "unset", checks - failures, checks);
+  std::printf("attention_gpu_test d64 edges: %d of %d problems passed\n", checks - failures,
+              checks);
   EXPECT_EQ(failures, 0);
 }
 
