@@ -527,6 +527,27 @@ TEST(AttentionGpuTest, RopeFusedMatchFloat64Reference) {
   EXPECT_EQ(failures, 0);
 }
 
+// D 64 lengths at the edges of 64- and 128-row tiles (the D 64 backward has 128-query tiles,
+// attention_bwd_q128.cu, attention_notes.md attn64b: a 128-query tile whose second 64-row half
+// is past T adds no dq_acc block; keys past T in the diagonal tile; one tile for the whole
+// sequence), plain and fused RoPE, GQA.
+TEST(AttentionGpuTest, D64TileEdgesMatchFloat64Reference) {
+  std::mt19937_64 rng(13);
+  DeviceAllocator alloc;
+  int failures = 0, checks = 0;
+  for (const Problem& p : {Problem{1, 1, 4, 2, 64, false}, Problem{2, 64, 4, 4, 64, false},
+                           Problem{1, 65, 4, 2, 64, true}, Problem{1, 128, 4, 2, 64, true},
+                           Problem{2, 191, 4, 4, 64, false, 0, 0, 64},
+                           Problem{1, 192, 8, 2, 64, false},
+                           Problem{1, 385, 4, 1, 64, true, 0, 0, 64}}) {
+    ++checks;
+    if (!RunForwardBackward(&alloc, rng, p)) ++failures;
+  }
+  std::printf("attention_gpu_test d64 edges: %d of %d problems passed\n", checks - failures,
+              checks);
+  EXPECT_EQ(failures, 0);
+}
+
 // The llama training step's exact call layout (ops/attention.cc SelfAttention::ForwardCuda /
 // BackwardCuda; attention_bench --step_layout): q|k|v views of one fused buffer without padding
 // (row stride (H + 2Hk)·D, the fused qkv GEMM's output), q rotated in place by the forward's

@@ -597,9 +597,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 }
 
 // The RoPE kernels' launches, at the end of this file. With them in this translation unit nvcc
-// orders one address expression of attn_bwd_ws_kernel<64> (the dSᵀ buffer) differently: one
-// more add.s32 per tile in its PTX; any second kernel here does that, even a verbatim copy of it
-// (attention_notes.md, attn10). The other kernels' PTX is unchanged.
+// ordered one address expression of attn_bwd_ws_kernel<64> (deleted in session 22: D 64 runs
+// attention_bwd_q128.cu) differently: one more add.s32 per tile in its PTX; any second kernel
+// here does that, even a verbatim copy of it (attention_notes.md, attn10). The other kernels'
+// PTX is unchanged.
 CudaResult LaunchBwdWsRopeRegs(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
                                dim3 grid, int head_group, cudaStream_t stream);
 
@@ -631,9 +632,11 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
                      : LaunchWs<128, false>(p, batch, stream);
 }
 
+// D 64: attention_bwd_q128.cu's kernel with 128-query tiles (attention_notes.md, attn64b: 4-5%
+// faster than attn_bwd_ws_kernel<64>, which was deleted).
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
                                             int64_t kv_heads, int head_dim, cudaStream_t stream) {
-  return head_dim == 64 ? LaunchBwdWs<64>(p, batch, kv_heads, stream)
+  return head_dim == 64 ? LaunchAttentionBackwardWgmmaQ128(p, batch, kv_heads, stream)
                         : LaunchBwdWs<128>(p, batch, kv_heads, stream);
 }
 
@@ -653,8 +656,8 @@ CudaResult LaunchBwdWsRope(const WgmmaBwdParams& p, const BwdTmaMaps& maps, dim3
 
 CudaResult LaunchBwdWsRopeRegs(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
                                dim3 grid, int head_group, cudaStream_t stream) {
-  return head_dim == 64 ? LaunchBwdWsRope<64>(p, maps, grid, head_group, stream)
-                        : LaunchBwdWsRope<128>(p, maps, grid, head_group, stream);
+  (void)head_dim;  // 128: D 64 runs attention_bwd_q128.cu
+  return LaunchBwdWsRope<128>(p, maps, grid, head_group, stream);
 }
 
 }  // namespace

@@ -386,7 +386,9 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
 }
 
 // The kernel body, shared by attn_bwd_ws_kernel (without the fused RoPE), attn_bwd_ws_rope_kernel
-// (kRope) and the deterministic kernels, attention_bwd_det.cu's attn_bwd_det_kernel<128> and
+// (kRope) — both at D 128 only since session 22 (D 64: attention_bwd_q128.cu's 128-query
+// tiles; its key-split form below now serves the deterministic D 64 kernel) — and the
+// deterministic kernels, attention_bwd_det.cu's attn_bwd_det_kernel<128> and
 // attention_bwd_det_presum.cu's attn_bwd_det_presum_kernel (D 64) (kDet, kRope, with or without
 // the RoPE; dq_turns: their turn counters).
 // kDet, the deterministic backward, differs only in how dQ reaches dq_acc:

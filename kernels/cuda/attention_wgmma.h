@@ -70,8 +70,8 @@ __host__ __device__ inline int64_t BwdWsDqAccIndex(int64_t b, int64_t h, int64_t
          ((d % block_cols) ^ static_cast<int>(8 * (r % 4)));
 }
 
-// attn_bwd_ws_kernel (producer warpgroup, mbarrier ring; dQ columns split between the consumer
-// warpgroups at D 128, keys split at D 64). dq_acc must be in the blocked layout above, zeroed
+// attn_bwd_ws_kernel<128> (producer warpgroup, mbarrier ring; dQ columns split between the
+// consumer warpgroups) at D 128, attn_bwd_q128_kernel (dQ rows split) at D 64. dq_acc must be in the blocked layout above, zeroed
 // (rows past T may hold anything: they are added to, never read).
 CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
                                             int64_t kv_heads, int head_dim, cudaStream_t stream);
@@ -90,5 +90,10 @@ CudaResult LaunchAttentionBackwardWgmmaDeterministic(const WgmmaBwdParams& p, in
 CudaResult LaunchAttentionBackwardWgmmaDetPresum(const WgmmaBwdParams& p, int64_t batch,
                                                  int64_t kv_heads, int* dq_turns,
                                                  cudaStream_t stream);
+
+// The D 64 main kernel (called by the above at head_dim 64): 128-query tiles
+// (attention_bwd_q128.cu); same params, dq_acc layout and prep / conversion as at D 128.
+CudaResult LaunchAttentionBackwardWgmmaQ128(const WgmmaBwdParams& p, int64_t batch,
+                                            int64_t kv_heads, cudaStream_t stream);
 
 }  // namespace gyre::cuda
