@@ -72,7 +72,7 @@
 //                           (with the fused RoPE: rotated by −angle in fp32 first).
 // Fused RoPE (AttentionForwardArgs / AttentionBackwardArgs::rope; the training path): the ws
 // forward rotates each query tile in shared memory as it lands and writes the rotated rows back
-// (attention_wgmma.cu, RopeOwnQRows), the ws backward rotates dK by −angle in its epilogue and
+// (attention_wgmma.cuh, RopeOwnQRows), the ws backward rotates dK by −angle in its epilogue and
 // the dQ conversion dQ; the mma.sync kernels use attn_rope_rows_kernel passes instead (Q before
 // the forward, dK after the backward). Why and what it saves: attention_notes.md (attn9).
 //   dK and dV are deterministic; dQ sums the key tiles' contributions with atomics, so its last

@@ -68,76 +68,6 @@ constexpr int kWgM = 128, kWgN = 128;
 // start-address field (no carry: every shared address is below 2^18); per-k SmemDesc calls
 // cost 80-90 more instructions per iteration, which the SelfExtend loop could not hoist.
 
-// Fused RoPE of Q in the plain forward (WgmmaFwdParams::rope_half > 0): consumer warpgroup
-// `cwg` rotates its own 64 rows of the block's Q tile in shared memory once, after the tile
-// landed (q_full) and before its first S GEMM, and writes them to q_rot for the backward (a row
-// is read and written by this block only, so q_rot may be q). Items are (row, 16-byte chunk
-// c < R/16): chunk c pairs with chunk c + R/16 (features f, f + R/2); rope.cu's forward math
-// (y1 = x1 cos − x2 sin, y2 = x2 cos + x1 sin in fp32, one rounding to bf16). The table rows are
-// loaded before the wait, so their latency hides under the Q copy. Rows past T (zeros) stay.
-// With R < D and q_rot != q the features R.. are copied to q_rot as they are.
-template <int kD>
-__device__ __forceinline__ void RopeOwnQRows(const WgmmaFwdParams& p, unsigned char* sq, int cwg,
-                                             int pos0, int64_t row_base, int h, int wtid,
-                                             uint32_t q_full) {
-  constexpr int kItems = kD / 32;  // (64 rows x kD/16 chunk pairs) / 128 threads, at R = kD
-  const int pairs = p.rope_half / 8;
-  float cs[kItems][8], sn[kItems][8];
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    const int i = wtid + 128 * j, r = i / pairs, c = i % pairs, pos = pos0 + r;
-    if (r < 64 && pos < p.seq) {
-      const float4* cp = reinterpret_cast<const float4*>(
-          p.rope_cos + static_cast<int64_t>(pos) * p.rope_half + 8 * c);
-      const float4* sp = reinterpret_cast<const float4*>(
-          p.rope_sin + static_cast<int64_t>(pos) * p.rope_half + 8 * c);
-      const float4 c0 = __ldg(cp), c1 = __ldg(cp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
-      cs[j][0] = c0.x; cs[j][1] = c0.y; cs[j][2] = c0.z; cs[j][3] = c0.w;
-      cs[j][4] = c1.x; cs[j][5] = c1.y; cs[j][6] = c1.z; cs[j][7] = c1.w;
-      sn[j][0] = s0.x; sn[j][1] = s0.y; sn[j][2] = s0.z; sn[j][3] = s0.w;
-      sn[j][4] = s1.x; sn[j][5] = s1.y; sn[j][6] = s1.z; sn[j][7] = s1.w;
-    }
-  }
-  MbWait(q_full, 0);
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    const int i = wtid + 128 * j, r = i / pairs, c = i % pairs, pos = pos0 + r;
-    if (r < 64 && pos < p.seq) {
-      uint4* a = reinterpret_cast<uint4*>(sq + Sw128ChunkOffset<kWgM>(64 * cwg + r, c));
-      uint4* b = reinterpret_cast<uint4*>(sq + Sw128ChunkOffset<kWgM>(64 * cwg + r, c + pairs));
-      uint4 va = *a, vb = *b;
-      uint32_t* wa = reinterpret_cast<uint32_t*>(&va);
-      uint32_t* wb = reinterpret_cast<uint32_t*>(&vb);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[k]));
-        const float2 x2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wb[k]));
-        const float c0 = cs[j][2 * k], c1 = cs[j][2 * k + 1];
-        const float s0 = sn[j][2 * k], s1 = sn[j][2 * k + 1];
-        wa[k] = PackBf16(x1.x * c0 - x2.x * s0, x1.y * c1 - x2.y * s1);
-        wb[k] = PackBf16(x2.x * c0 + x1.x * s0, x2.y * c1 + x1.y * s1);
-      }
-      *a = va;
-      *b = vb;
-      bf16* dst = p.q_rot + (row_base + pos) * p.q_stride + h * kD + 8 * c;
-      *reinterpret_cast<uint4*>(dst) = va;
-      *reinterpret_cast<uint4*>(dst + p.rope_half) = vb;
-    }
-  }
-  if (p.q_rot_copy_rest) {  // R < D into a separate buffer: features R.. pass through
-    const int rest = kD / 8 - 2 * pairs;
-    for (int i = wtid; i < 64 * rest; i += 128) {
-      const int r = i / rest, c = 2 * pairs + i % rest, pos = pos0 + r;
-      if (pos < p.seq) {
-        *reinterpret_cast<uint4*>(p.q_rot + (row_base + pos) * p.q_stride + h * kD + 8 * c) =
-            *reinterpret_cast<const uint4*>(sq + Sw128ChunkOffset<kWgM>(64 * cwg + r, c));
-      }
-    }
-  }
-  FenceProxyAsync();            // the generic-proxy stores before the wgmmas (async proxy) read them
-  NamedBarrierSync(3 + cwg, 128);   // this warpgroup's 64 rows rotated
-}
-
 // Q (+ Q_g), K and V in two stages each (+ the band tile's K_g), alignment slack, mbarriers.
 template <int kD, bool kSE>
 constexpr int WsFwdSmemBytes() {
@@ -409,8 +339,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     if constexpr (!kSE) {
       if (p.rope_half > 0) {
-        RopeOwnQRows<kD>(p, base_ptr + (sQ - base), cwg, m0 + 64 * cwg, row_base, h, wtid,
-                         q_full);
+        RopeOwnQRows<kD, kWgM>(p, base_ptr + (sQ - base), cwg, m0 + 64 * cwg, row_base, h, wtid,
+                               q_full, 3 + cwg);
       } else {
         MbWait(q_full, 0);
       }
