@@ -181,48 +181,10 @@ __global__ void __launch_bounds__(kF64Threads, 1)
           }
       }
     }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = row_max[hr];
-#pragma unroll
-      for (int c = 0; c < kF64N / 8; ++c) {
-        mx = fmaxf(mx, fmaxf(s[4 * c + 2 * hr], s[4 * c + 2 * hr + 1]));
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float msc = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      corr[hr] = Exp2(row_max[hr] * p.scale_log2 - msc);
-      row_max[hr] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int c = 0; c < kF64N / 8; ++c)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[4 * c + 2 * hr + e];
-          x = Exp2(fmaf(x, p.scale_log2, -msc));
-          sum += x;
-        }
-      row_sum[hr] = row_sum[hr] * corr[hr] + sum;
-    }
+    SoftmaxRows<kF64N>(s, row_max, row_sum, corr, p.scale_log2);
   };
-  auto pack_p = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < kF64N / 16; ++kk) {
-      pa[kk][0] = PackBf16(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-  };
-  auto rescale_o = [&](const float (&corr)[2]) {
-#pragma unroll
-    for (int c = 0; c < kDT; ++c) {
-      o[4 * c] *= corr[0];
-      o[4 * c + 1] *= corr[0];
-      o[4 * c + 2] *= corr[1];
-      o[4 * c + 3] *= corr[1];
-    }
-  };
+  auto pack_p = [&]() { PackP<kF64N>(s, pa); };
+  auto rescale_o = [&](const float (&corr)[2]) { RescaleO<kD>(o, corr); };
 
   // Step 0: S only.
   {

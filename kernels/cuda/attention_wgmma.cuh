@@ -890,6 +890,60 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
   }
 }
 
+// The forwards' online-softmax steps on one warpgroup's S accumulators (m64n128: 64 floats a
+// thread, rows r_lo and r_lo + 8 as hr = 0 / 1; shared by attn_fwd_ws_kernel and
+// attention_fwd64.cu's attn_fwd64_kernel). SoftmaxRows: the rows' new max (quad shuffles), the
+// correction exp2((m_old − m_new)·scale) of O and l, the exponentials in place and the new row
+// sums; a row with no key yet (max −inf) uses 0 as its offset. PackP: the probabilities as bf16
+// A fragments of P·V. RescaleO: O's rows times their correction.
+template <int kN>
+__device__ __forceinline__ void SoftmaxRows(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
+                                            float (&corr)[2], float scale_log2) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float mx = row_max[hr];
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * hr], s[4 * c + 2 * hr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float msc = mx == -INFINITY ? 0.f : mx * scale_log2;
+    corr[hr] = Exp2(row_max[hr] * scale_log2 - msc);
+    row_max[hr] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[4 * c + 2 * hr + e];
+        x = Exp2(fmaf(x, scale_log2, -msc));
+        sum += x;
+      }
+    row_sum[hr] = row_sum[hr] * corr[hr] + sum;
+  }
+}
+
+template <int kN>
+__device__ __forceinline__ void PackP(const float (&s)[64], uint32_t (&pa)[kN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    pa[kk][0] = PackBf16(s[8 * kk + 0], s[8 * kk + 1]);
+    pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+template <int kD>
+__device__ __forceinline__ void RescaleO(float (&o)[kD / 2], const float (&corr)[2]) {
+#pragma unroll
+  for (int c = 0; c < kD / 8; ++c) {
+    o[4 * c] *= corr[0];
+    o[4 * c + 1] *= corr[0];
+    o[4 * c + 2] *= corr[1];
+    o[4 * c + 3] *= corr[1];
+  }
+}
+
 // Fused RoPE of Q in the plain forwards (WgmmaFwdParams::rope_half > 0; attn_fwd_ws_kernel and
 // attention_fwd64.cu's attn_fwd64_kernel, Q tiles of kBM rows): consumer warpgroup
 // `cwg` rotates its own 64 rows of the block's Q tile in shared memory once, after the tile
