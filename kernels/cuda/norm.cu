@@ -27,6 +27,9 @@
 #include "kernels/cuda/norm.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/vec_util.cuh"
@@ -395,14 +398,133 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
   }
 }
 
+// rms_bwd_fused_kernel2 (GYRE_NORM_BWD=k2 / k2s, opt-in): the fused kernel's arithmetic, term for
+// term (dx bitwise the same), with three changes aimed at the gap to the copy rate:
+//   - __restrict__ pointers and, when d = NV·256 with NV <= 4 (768, 1024: every lane owns NV full
+//     vectors), no per-vector bounds branches: the weight loads of a pass (L1 hits) can all be
+//     issued before the first use and ahead of the dx stores, instead of one L1 round trip per
+//     vector between stores (the PTX of the default kernel: ld w, math, st dx, ld/st shared, next);
+//   - kStrided: the block's rows are the 4-row groups b, b + blocks, b + 2·blocks, ... instead of
+//     one contiguous run, so at any moment the warps of all blocks read one contiguous band of
+//     rows (the forward's order, 87% of copy) instead of 512 places 32 rows (128 KB at d 2048)
+//     apart; still a function of rows only, so dw's bits are device-independent (another grouping
+//     of rows into partials than the default's: not the same bits as the default);
+//   - griddepcontrol.launch_dependents at the start: the reduce (reduce3, launched with the
+//     programmatic-serialization attribute) is set up while this grid runs.
+template <int NV, bool kFull, bool kStrided>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
+    rms_bwd_fused_kernel2(NormBackwardArgs a, float* __restrict__ partial_w, int rows_per_block) {
+  asm volatile("griddepcontrol.launch_dependents;");
+  extern __shared__ float4 sums4[];  // [kWarpsPerBlock][d / 4]
+  float* sums = reinterpret_cast<float*>(sums4);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t d = a.dim;
+  const __nv_bfloat16* __restrict__ dy_base = a.dy;
+  const __nv_bfloat16* __restrict__ s_base = a.s;
+  const __nv_bfloat16* __restrict__ dres_base = a.dresidual;
+  const __nv_bfloat16* __restrict__ weight = a.weight;
+  const float* __restrict__ rstd_all = a.rstd;
+  __nv_bfloat16* __restrict__ dx_base = a.dx;
+  const float inv_d = 1.f / static_cast<float>(d);
+  float* my_sums = sums + warp * d;
+  const auto in_row = [&](int k) { return kFull || (lane + 32 * k) * 8 < d; };
+  if (partial_w) {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (in_row(k)) {
+        reinterpret_cast<float4*>(my_sums + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        reinterpret_cast<float4*>(my_sums + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+  }
+  // Contiguous: rows r_begin + warp + 4j of [r_begin, r_end). Strided: rows (g·blocks + b)·4 + warp.
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t r_end = min(a.rows, r_begin + rows_per_block);
+  const int64_t first = kStrided ? static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp : r_begin + warp;
+  const int64_t step = kStrided ? static_cast<int64_t>(gridDim.x) * kWarpsPerBlock : kWarpsPerBlock;
+  const int64_t last = kStrided ? a.rows : r_end;
+  for (int64_t row = first; row < last; row += step) {
+    const float rstd = rstd_all[row];
+    const __nv_bfloat16* __restrict__ dy = dy_base + row * d;
+    const __nv_bfloat16* __restrict__ s = s_base + row * d;
+    const __nv_bfloat16* __restrict__ dres = dres_base ? dres_base + row * d : nullptr;
+    uint4 dy_raw[NV], s_raw[NV], r_raw[NV];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (in_row(k)) {
+        dy_raw[k] = *reinterpret_cast<const uint4*>(dy + c);
+        s_raw[k] = *reinterpret_cast<const uint4*>(s + c);
+        if (dres) r_raw[k] = *reinterpret_cast<const uint4*>(dres + c);
+      }
+    }
+    float sum_gx = 0.f;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (in_row(k)) {
+        float g[8], v[8], w[8];
+        UnpackBf16x8(dy_raw[k], g);
+        UnpackBf16x8(s_raw[k], v);
+        LoadScale8(weight, c, w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
+      }
+    }
+    const float m2 = WarpSum(sum_gx) * inv_d;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t c = (lane + 32 * k) * 8;
+      if (in_row(k)) {
+        float g[8], v[8], w[8], r[8], out[8];
+        UnpackBf16x8(dy_raw[k], g);
+        UnpackBf16x8(s_raw[k], v);
+        LoadScale8(weight, c, w);
+        if (dres) {
+          UnpackBf16x8(r_raw[k], r);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) r[i] = 0.f;
+        }
+        float gx[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float xhat = v[i] * rstd;
+          out[i] = rstd * (g[i] * w[i] - xhat * m2) + r[i];
+          gx[i] = g[i] * xhat;
+        }
+        StoreBf16<8>(dx_base + row * d + c, out);
+        if (partial_w) {
+          float4* acc = reinterpret_cast<float4*>(my_sums + c);
+          float4 lo = acc[0], hi = acc[1];
+          lo.x += gx[0]; lo.y += gx[1]; lo.z += gx[2]; lo.w += gx[3];
+          hi.x += gx[4]; hi.y += gx[5]; hi.z += gx[6]; hi.w += gx[7];
+          acc[0] = lo;
+          acc[1] = hi;
+        }
+      }
+    }
+  }
+  if (!partial_w) return;  // uniform across the block: no barrier skipped
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) t += sums[w * d + c];
+    partial_w[static_cast<int64_t>(blockIdx.x) * d + c] = t;
+  }
+}
+
 // out[c] += Σ_k partial[k, c] (out[c] = Σ_k ... without `accumulate`) in a fixed order (lane ty
 // takes k ≡ ty mod kReduceLanes, then lanes 0.. in order): 32 columns x 32 chunk lanes per block,
 // so a thread sums chunks / 32.
 constexpr int kReduceLanes = 32;
 
-__global__ void __launch_bounds__(32 * kReduceLanes)
-    norm_bwd_dw_reduce2(const float* partial_w, const float* partial_b, int64_t chunks, int64_t d,
-                        float* dweight, float* dbias, bool accumulate) {
+// The reduce's body, shared by the default launch (reduce2) and the PDL one (reduce3: launched
+// while the fused kernel drains, it waits for it with griddepcontrol.wait before any read).
+__device__ __forceinline__ void DwReduceBody(const float* partial_w, const float* partial_b, int64_t chunks,
+                                             int64_t d, float* dweight, float* dbias, bool accumulate) {
   __shared__ float sw[kReduceLanes][33];
   __shared__ float sb[kReduceLanes][33];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -445,6 +567,22 @@ __global__ void __launch_bounds__(32 * kReduceLanes)
   }
 }
 
+__global__ void __launch_bounds__(32 * kReduceLanes)
+    norm_bwd_dw_reduce2(const float* partial_w, const float* partial_b, int64_t chunks, int64_t d,
+                        float* dweight, float* dbias, bool accumulate) {
+  DwReduceBody(partial_w, partial_b, chunks, d, dweight, dbias, accumulate);
+}
+
+// Programmatic dependent launch (sm_90): the launch attribute lets this grid be set up while
+// the fused kernel still runs; griddepcontrol.wait returns once that grid has finished and its
+// writes are visible. Same body, same order: the same bits as reduce2.
+__global__ void __launch_bounds__(32 * kReduceLanes)
+    norm_bwd_dw_reduce3(const float* partial_w, const float* partial_b, int64_t chunks, int64_t d,
+                        float* dweight, float* dbias, bool accumulate) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  DwReduceBody(partial_w, partial_b, chunks, d, dweight, dbias, accumulate);
+}
+
 bool Vectorizable(int64_t dim, std::initializer_list<const void*> ptrs) {
   if (dim % 8 != 0) return false;
   for (const void* p : ptrs) {
@@ -463,10 +601,87 @@ CudaResult LaunchRmsBackwardFused(const NormBackwardArgs& a, float* partial_w, i
   return {};
 }
 
+// GYRE_NORM_BWD (one getenv per call, so llama_step_bench --variants can alternate it in one
+// process): the RMSNorm one-pass backward's form. Unset or "v1" = the default (fused kernel, then
+// reduce2); "pdl" = the same kernels with the reduce launched as a programmatic dependent (same
+// bits); "k2" = rms_bwd_fused_kernel2 with contiguous rows + the PDL reduce (same bits);
+// "k2s" = kernel2 with strided rows + the PDL reduce (another fixed grouping of dw's partials);
+// "k2sh" = k2s with half the rows per block (twice the blocks: two waves at 4 blocks per SM,
+// twice the partials). Any other value is an error naming it.
+enum class NormBwdVariant { kV1, kPdl, kK2, kK2Strided, kK2StridedHalf, kBad };
+NormBwdVariant NormBwdVariantFromEnv() {
+  const char* e = std::getenv("GYRE_NORM_BWD");
+  if (e == nullptr || std::strcmp(e, "v1") == 0) return NormBwdVariant::kV1;
+  if (std::strcmp(e, "pdl") == 0) return NormBwdVariant::kPdl;
+  if (std::strcmp(e, "k2") == 0) return NormBwdVariant::kK2;
+  if (std::strcmp(e, "k2s") == 0) return NormBwdVariant::kK2Strided;
+  if (std::strcmp(e, "k2sh") == 0) return NormBwdVariant::kK2StridedHalf;
+  return NormBwdVariant::kBad;
+}
+
+template <int NV, bool kFull, bool kStrided>
+CudaResult LaunchRmsBackwardFused2(const NormBackwardArgs& a, float* partial_w, int64_t blocks,
+                                   int rows_per_block, cudaStream_t stream) {
+  const size_t smem = partial_w ? sizeof(float) * kWarpsPerBlock * a.dim : 0;
+  rms_bwd_fused_kernel2<NV, kFull, kStrided><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
+      a, partial_w, rows_per_block);
+  CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_fused_kernel2");
+  return {};
+}
+
+template <bool kStrided>
+CudaResult RmsBackwardFused2(const NormBackwardArgs& a, float* partial_w, int64_t blocks, int rpb,
+                             cudaStream_t stream) {
+  // The branch-free form only up to NV 4: above, ptxas spills it (90-700 bytes at NV 6-8; the
+  // three packed rows already take 96 registers at NV 8).
+  const int nv = static_cast<int>(CeilDiv(a.dim, 256));
+  const bool full = a.dim == 256 * nv;
+#define GYRE_NORM_BWD2_FULL(NV)                                                                  \
+  case NV:                                                                                       \
+    return full ? LaunchRmsBackwardFused2<NV, true, kStrided>(a, partial_w, blocks, rpb, stream) \
+                : LaunchRmsBackwardFused2<NV, false, kStrided>(a, partial_w, blocks, rpb, stream);
+#define GYRE_NORM_BWD2_BRANCHY(NV) \
+  case NV:                         \
+    return LaunchRmsBackwardFused2<NV, false, kStrided>(a, partial_w, blocks, rpb, stream);
+  switch (nv) {
+    GYRE_NORM_BWD2_FULL(1)
+    GYRE_NORM_BWD2_FULL(2)
+    GYRE_NORM_BWD2_FULL(3)
+    GYRE_NORM_BWD2_FULL(4)
+    GYRE_NORM_BWD2_BRANCHY(5)
+    GYRE_NORM_BWD2_BRANCHY(6)
+    GYRE_NORM_BWD2_BRANCHY(7)
+    default:
+    GYRE_NORM_BWD2_BRANCHY(8)
+  }
+#undef GYRE_NORM_BWD2_FULL
+#undef GYRE_NORM_BWD2_BRANCHY
+}
+
+bool Overlaps(const void* p, const void* q, int64_t bytes) {
+  if (p == nullptr || q == nullptr) return false;
+  const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(q);
+  return a < b + bytes && b < a + bytes;
+}
+
 CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
+  NormBwdVariant variant = NormBwdVariantFromEnv();
+  if (variant == NormBwdVariant::kBad) {
+    return InvalidArgument(std::string("NormBackward: GYRE_NORM_BWD must be v1, pdl, k2, k2s or k2sh (or unset), got '") +
+                           std::getenv("GYRE_NORM_BWD") + "'");
+  }
+  // kernel2's __restrict__ pointers need dx apart from dy, s and dresidual (always so in ops/).
+  const int64_t row_bytes = 2 * a.rows * a.dim;
+  const bool kernel2 = variant == NormBwdVariant::kK2 || variant == NormBwdVariant::kK2Strided ||
+                       variant == NormBwdVariant::kK2StridedHalf;
+  if (kernel2 &&
+      (Overlaps(a.dx, a.dy, row_bytes) || Overlaps(a.dx, a.s, row_bytes) || Overlaps(a.dx, a.dresidual, row_bytes))) {
+    variant = NormBwdVariant::kPdl;
+  }
   // Blocks are a function of rows only: the summation order (hence the bits) is the same on
   // every device.
-  const int64_t rows_per_block = FusedRowsPerBlock(a.rows);
+  const int64_t rows_per_block =
+      FusedRowsPerBlock(a.rows) / (variant == NormBwdVariant::kK2StridedHalf ? 2 : 1);
   const int64_t blocks = CeilDiv(a.rows, rows_per_block);
   if (blocks > 0x7fffffff) return InvalidArgument("NormBackward: too many rows");
   DeviceBuffer partial;
@@ -478,20 +693,42 @@ CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch,
   // Vectors of 8 per lane: NV = ceil(d / 256).
   const int rpb = static_cast<int>(rows_per_block);
   CudaResult r;
-  switch (CeilDiv(a.dim, 256)) {
-    case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, rpb, stream); break;
-    case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, rpb, stream); break;
-    case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, rpb, stream); break;
-    case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, rpb, stream); break;
-    case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, rpb, stream); break;
-    case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, rpb, stream); break;
-    case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, rpb, stream); break;
-    default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, rpb, stream); break;
+  if (variant == NormBwdVariant::kK2) {
+    r = RmsBackwardFused2<false>(a, partial_w, blocks, rpb, stream);
+  } else if (variant == NormBwdVariant::kK2Strided || variant == NormBwdVariant::kK2StridedHalf) {
+    r = RmsBackwardFused2<true>(a, partial_w, blocks, rpb, stream);
+  } else {
+    switch (CeilDiv(a.dim, 256)) {
+      case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, rpb, stream); break;
+      case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, rpb, stream); break;
+      case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, rpb, stream); break;
+      case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, rpb, stream); break;
+      case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, rpb, stream); break;
+      case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, rpb, stream); break;
+      case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, rpb, stream); break;
+      default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, rpb, stream); break;
+    }
   }
   if (!r.ok() || !a.dweight) return r;
-  norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
-      partial_w, nullptr, blocks, a.dim, a.dweight, nullptr, a.accumulate);
-  CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
+  if (variant == NormBwdVariant::kV1) {
+    norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
+        partial_w, nullptr, blocks, a.dim, a.dweight, nullptr, a.accumulate);
+    CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
+    return {};
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(CeilDiv(a.dim, 32)));
+  cfg.blockDim = dim3(32, kReduceLanes);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, norm_bwd_dw_reduce3, static_cast<const float*>(partial_w),
+                                          static_cast<const float*>(nullptr), blocks, a.dim, a.dweight,
+                                          static_cast<float*>(nullptr), a.accumulate));
   return {};
 }
 
