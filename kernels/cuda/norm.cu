@@ -11,19 +11,21 @@
 //   norm_bwd_dx_kernel1   one warp per row: Σg and Σg·xhat, then ds.
 //   norm_bwd_dw_kernel1   column partial sums of dy·xhat and dy over a chunk of rows; block
 //                         (32, 8) covers 64 columns, each thread 2 adjacent columns.
-//   rms_bwd_fused_kernel  RMSNorm backward in one pass (d % 8 == 0, d <= 2048, aligned): a block
-//                         of 4 warps owns 64 consecutive rows (32 when fewer than 32K rows, so
-//                         blocks still fill the SMs), a warp one row at a time; each
-//                         lane loads its row slice of dy, s and dresidual once (16-byte loads,
-//                         all issued before the first use), reduces Σ g·xhat with shuffles,
-//                         writes dx, and adds dy·xhat into its warp's column sums in shared
-//                         memory across the block's rows. The 4 warps' sums meet in shared
-//                         memory and one [chunks, d] partial row per block goes out; the reduce
-//                         kernel sums those in chunk order. 8 bytes per element (dy, s,
+//   rms_bwd_strided_kernel  RMSNorm backward in one pass (d % 8 == 0, d <= 2048, aligned): blocks
+//                         of 4 warps, 32 or 64 rows each, taken as 4-row groups strided across
+//                         the grid (a wave reads one contiguous band of rows); a warp one row at
+//                         a time; each lane loads its row slice of dy, s and dresidual once
+//                         (16-byte loads, all issued before the first use), reduces Σ g·xhat
+//                         with shuffles, writes dx, and adds dy·xhat into its warp's column sums
+//                         in shared memory. The 4 warps' sums meet in shared memory and one
+//                         [blocks, d] partial row per block goes out. 8 bytes per element (dy, s,
 //                         dresidual read once, dx written) instead of the 12 of the three-kernel
 //                         path, whose dw kernel re-read dy and s with 2-byte accesses.
-//   norm_bwd_dw_reduce2   fixed-order column sums of the partials: 32 columns x 32 chunk lanes
-//                         per block, then the 32 lanes in order through shared memory.
+//   norm_bwd_dw_reduce2/3 fixed-order column sums of the partials: 32 columns x 32 chunk lanes
+//                         per block, then the 32 lanes in order through shared memory; reduce3 is
+//                         the same body launched as a programmatic dependent of the fused kernel.
+//
+// Measurements and what was tried: kernels/cuda/norm_notes.md.
 #include "kernels/cuda/norm.h"
 
 #include <algorithm>
@@ -302,118 +304,28 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) rms_fwd_kernel2(NormForwa
 // function of rows only, so the summation order (hence the bits) is the same on every device.
 int64_t FusedRowsPerBlock(int64_t rows) { return CeilDiv(rows, 64) >= 512 ? 64 : 32; }
 
-// Column sums of dy·xhat live in shared memory, one [d] row per warp (each lane owns its own
-// columns: no races, no barriers until the block's final sum); registers then hold only the
-// row's packed inputs (~120 instead of ~220), so 4 blocks fit per SM instead of 2.
-template <int NV>
+// RMSNorm backward in one pass (d % 8 == 0, d <= 2048, aligned rows). Each lane loads its slice
+// of a row's dy, s and dresidual once (16-byte loads, all issued before the first use), the warp
+// reduces Σ g·xhat with shuffles, writes dx (+ dresidual) and adds dy·xhat into its own column
+// sums in shared memory, one [d] row per warp (each lane owns its columns: no races, no barriers
+// until the block's final sum; registers hold only the row's packed inputs, so 4 blocks fit per
+// SM). The 4 warps' sums meet in shared memory and one [blocks, d] partial row per block goes out;
+// norm_bwd_dw_reduce3 sums those in block order.
+//
+// Row order (normbwd22, norm_notes.md): block b owns the 4-row groups b, b + blocks,
+// b + 2·blocks, ..., warp w row 4·group + w, so at any moment the warps of all blocks read one
+// contiguous band of rows instead of 512 places 32 rows apart (the contiguous order of the
+// session-7 kernel: 2-5% slower at d 768-1536, 0.7% at 2048 on an H100). Blocks are a function
+// of rows only: the grouping of rows into partials, hence dw's bits, is the same on every device.
+// __restrict__ pointers and, when d = 256·NV with NV <= 4 (768, 1024: every lane owns NV full
+// vectors), no per-vector bounds branches, so a pass's weight loads (L1 hits) issue together
+// ahead of the dx stores (the old kernel's PTX did ld w, math, st dx, ld/st shared per vector);
+// the branch-free form stops at NV 4 because ptxas spills it above (90-700 bytes at NV 6-8, where
+// the three packed rows already take 96 of the 128 registers). griddepcontrol.launch_dependents
+// at the start lets the reduce (a programmatic dependent launch) be set up while this grid runs.
+template <int NV, bool kFull>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
-    rms_bwd_fused_kernel(NormBackwardArgs a, float* partial_w, int rows_per_block) {
-  extern __shared__ float4 sums4[];  // [kWarpsPerBlock][d / 4]
-  float* sums = reinterpret_cast<float*>(sums4);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t d = a.dim;
-  const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
-  const int64_t r_end = min(a.rows, r_begin + rows_per_block);
-  const float inv_d = 1.f / static_cast<float>(d);
-  float* my_sums = sums + warp * d;
-  if (partial_w) {
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t c = (lane + 32 * k) * 8;
-      if (c < d) {
-        reinterpret_cast<float4*>(my_sums + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-        reinterpret_cast<float4*>(my_sums + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    }
-  }
-  for (int64_t row = r_begin + warp; row < r_end; row += kWarpsPerBlock) {
-    const float rstd = a.rstd[row];
-    const __nv_bfloat16* dy = a.dy + row * d;
-    const __nv_bfloat16* s = a.s + row * d;
-    const __nv_bfloat16* dres = a.dresidual ? a.dresidual + row * d : nullptr;
-    uint4 dy_raw[NV], s_raw[NV], r_raw[NV];
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t c = (lane + 32 * k) * 8;
-      if (c < d) {
-        dy_raw[k] = *reinterpret_cast<const uint4*>(dy + c);
-        s_raw[k] = *reinterpret_cast<const uint4*>(s + c);
-        if (dres) r_raw[k] = *reinterpret_cast<const uint4*>(dres + c);
-      }
-    }
-    float sum_gx = 0.f;
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t c = (lane + 32 * k) * 8;
-      if (c < d) {
-        float g[8], v[8], w[8];
-        UnpackBf16x8(dy_raw[k], g);
-        UnpackBf16x8(s_raw[k], v);
-        LoadScale8(a.weight, c, w);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sum_gx += g[i] * w[i] * (v[i] * rstd);
-      }
-    }
-    const float m2 = WarpSum(sum_gx) * inv_d;
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t c = (lane + 32 * k) * 8;
-      if (c < d) {
-        float g[8], v[8], w[8], r[8], out[8];
-        UnpackBf16x8(dy_raw[k], g);
-        UnpackBf16x8(s_raw[k], v);
-        LoadScale8(a.weight, c, w);
-        if (dres) {
-          UnpackBf16x8(r_raw[k], r);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) r[i] = 0.f;
-        }
-        float gx[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float xhat = v[i] * rstd;
-          out[i] = rstd * (g[i] * w[i] - xhat * m2) + r[i];
-          gx[i] = g[i] * xhat;
-        }
-        StoreBf16<8>(a.dx + row * d + c, out);
-        if (partial_w) {
-          float4* acc = reinterpret_cast<float4*>(my_sums + c);
-          float4 lo = acc[0], hi = acc[1];
-          lo.x += gx[0]; lo.y += gx[1]; lo.z += gx[2]; lo.w += gx[3];
-          hi.x += gx[4]; hi.y += gx[5]; hi.z += gx[6]; hi.w += gx[7];
-          acc[0] = lo;
-          acc[1] = hi;
-        }
-      }
-    }
-  }
-  if (!partial_w) return;  // no weight gradient (uniform across the block: no barrier skipped)
-  __syncthreads();
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    float t = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarpsPerBlock; ++w) t += sums[w * d + c];
-    partial_w[static_cast<int64_t>(blockIdx.x) * d + c] = t;
-  }
-}
-
-// rms_bwd_fused_kernel2 (GYRE_NORM_BWD=k2 / k2s, opt-in): the fused kernel's arithmetic, term for
-// term (dx bitwise the same), with three changes aimed at the gap to the copy rate:
-//   - __restrict__ pointers and, when d = NV·256 with NV <= 4 (768, 1024: every lane owns NV full
-//     vectors), no per-vector bounds branches: the weight loads of a pass (L1 hits) can all be
-//     issued before the first use and ahead of the dx stores, instead of one L1 round trip per
-//     vector between stores (the PTX of the default kernel: ld w, math, st dx, ld/st shared, next);
-//   - kStrided: the block's rows are the 4-row groups b, b + blocks, b + 2·blocks, ... instead of
-//     one contiguous run, so at any moment the warps of all blocks read one contiguous band of
-//     rows (the forward's order, 87% of copy) instead of 512 places 32 rows (128 KB at d 2048)
-//     apart; still a function of rows only, so dw's bits are device-independent (another grouping
-//     of rows into partials than the default's: not the same bits as the default);
-//   - griddepcontrol.launch_dependents at the start: the reduce (reduce3, launched with the
-//     programmatic-serialization attribute) is set up while this grid runs.
-template <int NV, bool kFull, bool kStrided>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
-    rms_bwd_fused_kernel2(NormBackwardArgs a, float* __restrict__ partial_w, int rows_per_block) {
+    rms_bwd_strided_kernel(NormBackwardArgs a, float* __restrict__ partial_w) {
   asm volatile("griddepcontrol.launch_dependents;");
   extern __shared__ float4 sums4[];  // [kWarpsPerBlock][d / 4]
   float* sums = reinterpret_cast<float*>(sums4);
@@ -438,13 +350,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 4)
       }
     }
   }
-  // Contiguous: rows r_begin + warp + 4j of [r_begin, r_end). Strided: rows (g·blocks + b)·4 + warp.
-  const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
-  const int64_t r_end = min(a.rows, r_begin + rows_per_block);
-  const int64_t first = kStrided ? static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp : r_begin + warp;
-  const int64_t step = kStrided ? static_cast<int64_t>(gridDim.x) * kWarpsPerBlock : kWarpsPerBlock;
-  const int64_t last = kStrided ? a.rows : r_end;
-  for (int64_t row = first; row < last; row += step) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; row < a.rows; row += step) {
     const float rstd = rstd_all[row];
     const __nv_bfloat16* __restrict__ dy = dy_base + row * d;
     const __nv_bfloat16* __restrict__ s = s_base + row * d;
@@ -591,71 +498,14 @@ bool Vectorizable(int64_t dim, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-template <int NV>
-CudaResult LaunchRmsBackwardFused(const NormBackwardArgs& a, float* partial_w, int64_t blocks, int rows_per_block,
-                                  cudaStream_t stream) {
+template <int NV, bool kFull>
+CudaResult LaunchRmsBackwardStrided(const NormBackwardArgs& a, float* partial_w, int64_t blocks,
+                                    cudaStream_t stream) {
   const size_t smem = partial_w ? sizeof(float) * kWarpsPerBlock * a.dim : 0;
-  rms_bwd_fused_kernel<NV><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
-      a, partial_w, rows_per_block);
-  CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_fused_kernel");
+  rms_bwd_strided_kernel<NV, kFull><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
+      a, partial_w);
+  CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_strided_kernel");
   return {};
-}
-
-// GYRE_NORM_BWD (one getenv per call, so llama_step_bench --variants can alternate it in one
-// process): the RMSNorm one-pass backward's form. Unset or "v1" = the default (fused kernel, then
-// reduce2); "pdl" = the same kernels with the reduce launched as a programmatic dependent (same
-// bits); "k2" = rms_bwd_fused_kernel2 with contiguous rows + the PDL reduce (same bits);
-// "k2s" = kernel2 with strided rows + the PDL reduce (another fixed grouping of dw's partials);
-// "k2sh" = k2s with half the rows per block (twice the blocks: two waves at 4 blocks per SM,
-// twice the partials). Any other value is an error naming it.
-enum class NormBwdVariant { kV1, kPdl, kK2, kK2Strided, kK2StridedHalf, kBad };
-NormBwdVariant NormBwdVariantFromEnv() {
-  const char* e = std::getenv("GYRE_NORM_BWD");
-  if (e == nullptr || std::strcmp(e, "v1") == 0) return NormBwdVariant::kV1;
-  if (std::strcmp(e, "pdl") == 0) return NormBwdVariant::kPdl;
-  if (std::strcmp(e, "k2") == 0) return NormBwdVariant::kK2;
-  if (std::strcmp(e, "k2s") == 0) return NormBwdVariant::kK2Strided;
-  if (std::strcmp(e, "k2sh") == 0) return NormBwdVariant::kK2StridedHalf;
-  return NormBwdVariant::kBad;
-}
-
-template <int NV, bool kFull, bool kStrided>
-CudaResult LaunchRmsBackwardFused2(const NormBackwardArgs& a, float* partial_w, int64_t blocks,
-                                   int rows_per_block, cudaStream_t stream) {
-  const size_t smem = partial_w ? sizeof(float) * kWarpsPerBlock * a.dim : 0;
-  rms_bwd_fused_kernel2<NV, kFull, kStrided><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, smem, stream>>>(
-      a, partial_w, rows_per_block);
-  CUDA_RETURN_IF_LAUNCH_ERROR("rms_bwd_fused_kernel2");
-  return {};
-}
-
-template <bool kStrided>
-CudaResult RmsBackwardFused2(const NormBackwardArgs& a, float* partial_w, int64_t blocks, int rpb,
-                             cudaStream_t stream) {
-  // The branch-free form only up to NV 4: above, ptxas spills it (90-700 bytes at NV 6-8; the
-  // three packed rows already take 96 registers at NV 8).
-  const int nv = static_cast<int>(CeilDiv(a.dim, 256));
-  const bool full = a.dim == 256 * nv;
-#define GYRE_NORM_BWD2_FULL(NV)                                                                  \
-  case NV:                                                                                       \
-    return full ? LaunchRmsBackwardFused2<NV, true, kStrided>(a, partial_w, blocks, rpb, stream) \
-                : LaunchRmsBackwardFused2<NV, false, kStrided>(a, partial_w, blocks, rpb, stream);
-#define GYRE_NORM_BWD2_BRANCHY(NV) \
-  case NV:                         \
-    return LaunchRmsBackwardFused2<NV, false, kStrided>(a, partial_w, blocks, rpb, stream);
-  switch (nv) {
-    GYRE_NORM_BWD2_FULL(1)
-    GYRE_NORM_BWD2_FULL(2)
-    GYRE_NORM_BWD2_FULL(3)
-    GYRE_NORM_BWD2_FULL(4)
-    GYRE_NORM_BWD2_BRANCHY(5)
-    GYRE_NORM_BWD2_BRANCHY(6)
-    GYRE_NORM_BWD2_BRANCHY(7)
-    default:
-    GYRE_NORM_BWD2_BRANCHY(8)
-  }
-#undef GYRE_NORM_BWD2_FULL
-#undef GYRE_NORM_BWD2_BRANCHY
 }
 
 bool Overlaps(const void* p, const void* q, int64_t bytes) {
@@ -665,24 +515,13 @@ bool Overlaps(const void* p, const void* q, int64_t bytes) {
 }
 
 CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch, cudaStream_t stream) {
-  NormBwdVariant variant = NormBwdVariantFromEnv();
-  if (variant == NormBwdVariant::kBad) {
-    return InvalidArgument(std::string("NormBackward: GYRE_NORM_BWD must be v1, pdl, k2, k2s or k2sh (or unset), got '") +
-                           std::getenv("GYRE_NORM_BWD") + "'");
+  const int64_t bytes = 2 * a.rows * a.dim;  // the kernel's __restrict__ pointers (norm.h)
+  if (Overlaps(a.dx, a.dy, bytes) || Overlaps(a.dx, a.s, bytes) || Overlaps(a.dx, a.dresidual, bytes)) {
+    return InvalidArgument("NormBackward: dx overlaps dy, s or dresidual");
   }
-  // kernel2's __restrict__ pointers need dx apart from dy, s and dresidual (always so in ops/).
-  const int64_t row_bytes = 2 * a.rows * a.dim;
-  const bool kernel2 = variant == NormBwdVariant::kK2 || variant == NormBwdVariant::kK2Strided ||
-                       variant == NormBwdVariant::kK2StridedHalf;
-  if (kernel2 &&
-      (Overlaps(a.dx, a.dy, row_bytes) || Overlaps(a.dx, a.s, row_bytes) || Overlaps(a.dx, a.dresidual, row_bytes))) {
-    variant = NormBwdVariant::kPdl;
-  }
-  // Blocks are a function of rows only: the summation order (hence the bits) is the same on
-  // every device.
-  const int64_t rows_per_block =
-      FusedRowsPerBlock(a.rows) / (variant == NormBwdVariant::kK2StridedHalf ? 2 : 1);
-  const int64_t blocks = CeilDiv(a.rows, rows_per_block);
+  // Blocks are a function of rows only: the grouping of rows into partials (hence the bits) is
+  // the same on every device.
+  const int64_t blocks = CeilDiv(a.rows, FusedRowsPerBlock(a.rows));
   if (blocks > 0x7fffffff) return InvalidArgument("NormBackward: too many rows");
   DeviceBuffer partial;
   float* partial_w = nullptr;
@@ -690,32 +529,27 @@ CudaResult RmsBackwardFused(const NormBackwardArgs& a, DeviceAllocator* scratch,
     CUDA_RETURN_IF_NOT_OK(scratch->Allocate(sizeof(float) * blocks * a.dim, &partial));
     partial_w = partial.as<float>();
   }
-  // Vectors of 8 per lane: NV = ceil(d / 256).
-  const int rpb = static_cast<int>(rows_per_block);
+  // Vectors of 8 per lane: NV = ceil(d / 256); the branch-free form up to NV 4 (see the kernel).
+  const int nv = static_cast<int>(CeilDiv(a.dim, 256));
+  const bool full = a.dim == 256 * nv;
   CudaResult r;
-  if (variant == NormBwdVariant::kK2) {
-    r = RmsBackwardFused2<false>(a, partial_w, blocks, rpb, stream);
-  } else if (variant == NormBwdVariant::kK2Strided || variant == NormBwdVariant::kK2StridedHalf) {
-    r = RmsBackwardFused2<true>(a, partial_w, blocks, rpb, stream);
-  } else {
-    switch (CeilDiv(a.dim, 256)) {
-      case 1: r = LaunchRmsBackwardFused<1>(a, partial_w, blocks, rpb, stream); break;
-      case 2: r = LaunchRmsBackwardFused<2>(a, partial_w, blocks, rpb, stream); break;
-      case 3: r = LaunchRmsBackwardFused<3>(a, partial_w, blocks, rpb, stream); break;
-      case 4: r = LaunchRmsBackwardFused<4>(a, partial_w, blocks, rpb, stream); break;
-      case 5: r = LaunchRmsBackwardFused<5>(a, partial_w, blocks, rpb, stream); break;
-      case 6: r = LaunchRmsBackwardFused<6>(a, partial_w, blocks, rpb, stream); break;
-      case 7: r = LaunchRmsBackwardFused<7>(a, partial_w, blocks, rpb, stream); break;
-      default: r = LaunchRmsBackwardFused<8>(a, partial_w, blocks, rpb, stream); break;
-    }
+  switch (nv) {
+    case 1: r = full ? LaunchRmsBackwardStrided<1, true>(a, partial_w, blocks, stream)
+                     : LaunchRmsBackwardStrided<1, false>(a, partial_w, blocks, stream); break;
+    case 2: r = full ? LaunchRmsBackwardStrided<2, true>(a, partial_w, blocks, stream)
+                     : LaunchRmsBackwardStrided<2, false>(a, partial_w, blocks, stream); break;
+    case 3: r = full ? LaunchRmsBackwardStrided<3, true>(a, partial_w, blocks, stream)
+                     : LaunchRmsBackwardStrided<3, false>(a, partial_w, blocks, stream); break;
+    case 4: r = full ? LaunchRmsBackwardStrided<4, true>(a, partial_w, blocks, stream)
+                     : LaunchRmsBackwardStrided<4, false>(a, partial_w, blocks, stream); break;
+    case 5: r = LaunchRmsBackwardStrided<5, false>(a, partial_w, blocks, stream); break;
+    case 6: r = LaunchRmsBackwardStrided<6, false>(a, partial_w, blocks, stream); break;
+    case 7: r = LaunchRmsBackwardStrided<7, false>(a, partial_w, blocks, stream); break;
+    default: r = LaunchRmsBackwardStrided<8, false>(a, partial_w, blocks, stream); break;
   }
   if (!r.ok() || !a.dweight) return r;
-  if (variant == NormBwdVariant::kV1) {
-    norm_bwd_dw_reduce2<<<static_cast<unsigned>(CeilDiv(a.dim, 32)), dim3(32, kReduceLanes), 0, stream>>>(
-        partial_w, nullptr, blocks, a.dim, a.dweight, nullptr, a.accumulate);
-    CUDA_RETURN_IF_LAUNCH_ERROR("norm_bwd_dw_reduce2");
-    return {};
-  }
+  // The reduce as a programmatic dependent launch (its griddepcontrol.wait orders it after the
+  // fused grid): 1.2-1.6 µs a call less than a plain launch (norm_notes.md, normbwd22).
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(CeilDiv(a.dim, 32)));
   cfg.blockDim = dim3(32, kReduceLanes);
