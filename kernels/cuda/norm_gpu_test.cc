@@ -5,6 +5,7 @@
 #include "kernels/cuda/norm.h"
 
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -201,8 +202,8 @@ TEST(NormGpuTest, MatchesFloat64AcrossShapesAndOptions) {
       // (1032 = 4 x 256 + 8), the largest d, one vector per row (d = 8), rows not a multiple
       // of the row block; d = 2056 takes the three-kernel path. Rows per block are 32 below
       // 512 x 64 rows and 64 from there (32777 x 768: llama-125m's width, the prefetching
-      // kernel, a partial last block).
-      {70, 1032}, {5, 2040}, {129, 8}, {65, 2056}, {32777, 768}};
+      // kernel, a partial last block); 300 x 1024: four full vectors per lane (the branch-free form).
+      {70, 1032}, {5, 2040}, {129, 8}, {65, 2056}, {32777, 768}, {300, 1024}};
   for (auto [rows, dim] : shapes) {
     for (NormKind kind : {NormKind::kRms, NormKind::kLayer}) {
       for (bool residual : {false, true}) {
@@ -214,6 +215,36 @@ TEST(NormGpuTest, MatchesFloat64AcrossShapesAndOptions) {
   // No learnable scale.
   RunCase({NormKind::kRms, 100, 96, false, false, false, false}, rng);
   RunCase({NormKind::kLayer, 100, 97, true, false, false, true}, rng);
+}
+
+// The one-pass RMSNorm backward's __restrict__ pointers: dx over dy, s or dresidual is an error
+// (nothing in ops/ does that: its dx is a fresh tensor), not silently wrong output.
+TEST(NormGpuTest, RejectsDxOverlappingInputs) {
+  DeviceAllocator alloc;
+  std::mt19937_64 rng(7);
+  const int64_t rows = 4, dim = 768, n = rows * dim;
+  DeviceArray<bf16> d_dy(&alloc, n), d_s(&alloc, n), d_dres(&alloc, n), d_dx(&alloc, n);
+  DeviceArray<float> d_rstd(&alloc, rows);
+  d_dy.Upload(RandomBf16Values(rng, n));
+  d_s.Upload(RandomBf16Values(rng, n));
+  d_dres.Upload(RandomBf16Values(rng, n));
+  d_rstd.Upload(RandomFloats(rng, rows));
+  NormBackwardArgs g;
+  g.rows = rows;
+  g.dim = dim;
+  g.dy = d_dy.get();
+  g.s = d_s.get();
+  g.rstd = d_rstd.get();
+  g.dresidual = d_dres.get();
+  g.dx = d_dx.get();
+  EXPECT_TRUE(NormBackward(g, &alloc, nullptr).ok());
+  for (bf16* alias : {d_dy.get(), d_s.get(), d_dres.get() + dim}) {
+    g.dx = alias;
+    const CudaResult r = NormBackward(g, &alloc, nullptr);
+    EXPECT_FALSE(r.ok());
+    EXPECT_NE(r.message.find("overlaps"), std::string::npos) << r.message;
+  }
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 
 TEST(NormGpuTest, RejectsInconsistentArguments) {
