@@ -1,12 +1,15 @@
 // Needs a GPU: embedding (forward gather, deterministic backward), SiLU/GeLU and their gated
 // forms (SwiGLU / GeGLU), and RoPE, forward and backward, against float64 references on the same
 // bf16 inputs; odd sizes take the scalar paths, multiples of 8 the 16-byte paths.
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
 #include "gtest/gtest.h"
 #include "kernels/cuda/activations.h"
+#include "kernels/cuda/device_poison.h"
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cuda/rope.h"
@@ -287,6 +290,76 @@ TEST(RopeGpuTest, ForwardBackwardMatchFloat64) {
     EXPECT_TRUE(Report(name + " fwd", shape, RelError(y_got, y_ref), testing::kTolBf16));
     EXPECT_TRUE(Report(name + " bwd", shape, RelError(dx_got, dx_ref), testing::kTolBf16));
   }
+}
+
+// The table must be complete when BuildRopeTable returns, also for a kernel on a stream that
+// does not synchronise with the legacy default stream (the backend's stream is created
+// cudaStreamNonBlocking). A plain pageable cudaMemcpy returned with its last DMA still in flight,
+// so the first RoPE of a process could read the table's tail before it landed: whatever the
+// pages held before (helper det22, session 22). The free device memory is poisoned with NaN
+// first, so a kernel that beats the copy writes NaN; a 16 MiB table (32768 positions x D 128)
+// read right after the build, on a non-blocking stream, in several fresh allocators.
+TEST(RopeGpuTest, TableIsCompleteForANonBlockingStreamRightAway) {
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const int64_t positions = 32768, head_dim = 128, half = head_dim / 2;
+  const double theta = 10000.0;
+  std::mt19937_64 rng(11);
+  const auto x = RandomBf16Values(rng, positions * head_dim);
+  // The float64 reference of every row, once.
+  std::vector<double> ref(x.size());
+  for (int64_t p = 0; p < positions; ++p) {
+    for (int64_t k = 0; k < half; ++k) {
+      const double ang = static_cast<double>(p) * std::pow(theta, -2.0 * k / head_dim);
+      const double co = std::cos(ang), si = std::sin(ang);
+      const double x1 = x[p * head_dim + k], x2 = x[p * head_dim + k + half];
+      ref[p * head_dim + k] = x1 * co - x2 * si;
+      ref[p * head_dim + k + half] = x2 * co + x1 * si;
+    }
+  }
+  constexpr int kTrials = 6;
+  int bad_trials = 0;
+  for (int trial = 0; trial < kTrials; ++trial) {
+    PoisonReport poison;
+    const CudaResult pr = PoisonFreeDeviceMemory(0xFF, size_t{4} << 30, &poison);
+    ASSERT_TRUE(pr.ok()) << pr.message;
+    DeviceAllocator alloc;
+    DeviceArray<bf16> d_x(&alloc, x.size()), d_y(&alloc, x.size());
+    d_x.Upload(x);
+    d_y.Poison();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // x is on the device before the table's copy
+    RopeTable table;
+    const CudaResult br = BuildRopeTable(positions, head_dim, theta, &alloc, &table);
+    ASSERT_TRUE(br.ok()) << br.message;
+    RopeArgs f;  // launched the moment the build returns, as the backend's first RoPE is
+    f.x = d_x.get();
+    f.y = d_y.get();
+    f.rows = positions;
+    f.seq = positions;
+    f.heads = 1;
+    f.row_stride = head_dim;
+    ASSERT_TRUE(RopeForward(table, f, stream).ok());
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const auto y = d_y.Download();
+    int64_t bad_rows = 0, first_bad = -1, nonfinite = 0;
+    for (int64_t p = 0; p < positions; ++p) {
+      bool bad = false;
+      for (int64_t i = 0; i < head_dim; ++i) {
+        const double got = y[p * head_dim + i], want = ref[p * head_dim + i];
+        nonfinite += std::isfinite(got) ? 0 : 1;
+        bad |= !(std::fabs(got - want) <= 1e-2 * std::max(1.0, std::fabs(want)));
+      }
+      if (bad && first_bad < 0) first_bad = p;
+      bad_rows += bad ? 1 : 0;
+    }
+    std::printf("  rope table 32768 x D128, trial %d: %.1f GiB poisoned (reused %s), %lld of %lld rows wrong "
+                "(%lld non-finite values), first wrong position %lld\n",
+                trial, poison.bytes / double(1 << 30), poison.reused ? "yes" : "no", (long long)bad_rows,
+                (long long)positions, (long long)nonfinite, (long long)first_bad);
+    bad_trials += bad_rows > 0 ? 1 : 0;
+  }
+  cudaStreamDestroy(stream);
+  EXPECT_EQ(bad_trials, 0) << "a RoPE launched right after BuildRopeTable read a table that had not landed";
 }
 
 TEST(RopeGpuTest, PositionOutsideTableWritesNaN) {
