@@ -34,7 +34,6 @@
 
 #include "CLI/CLI.hpp"
 #include "bench/step_timing.h"
-#include "kernels/cuda/device_poison.h"
 #include "ops/cuda_backend.h"
 #include "ops/flops.h"
 #include "ops/parallel.h"
@@ -120,38 +119,15 @@ void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double
   gyre::bench::PrintOpTable(std::move(ops), n, busy);
 }
 
-// --poison: the byte PoisonFreeDeviceMemory fills the free device memory with before each model
-// is created ("nan" 0xFF, "3f" 0x3F: finite bf16 / fp32 values, "none"); -1 for none, -2 unknown.
-int PoisonByte(const std::string& name) {
-  if (name == "none") return -1;
-  if (name == "nan") return 0xFF;
-  if (name == "3f") return 0x3F;
-  return -2;
-}
-
 int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, int profile_steps,
-        const gyre::bench::EnvVariants& env_variants, double peak_tflops, int layers, int poison_byte,
-        bool time_attention, Result* out) {
+        const gyre::bench::EnvVariants& env_variants, double peak_tflops, int layers, bool time_attention,
+        Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
     return 1;
   }
   if (layers > 0 && layers < spec->n_layers()) spec->blocks.resize(static_cast<size_t>(layers));
-  if (poison_byte >= 0) {
-    // What earlier programs (or this one's earlier presets) left in the pages must not matter:
-    // the model's buffers, the RoPE table and every workspace get poisoned pages.
-    Cuda().ReleaseCachedMemory();
-    gyre::cuda::PoisonReport poison;
-    const gyre::cuda::CudaResult r = gyre::cuda::PoisonFreeDeviceMemory(static_cast<uint8_t>(poison_byte),
-                                                                        size_t{2} << 30, &poison);
-    if (!r.ok()) {
-      std::fprintf(stderr, "poison: %s\n", r.message.c_str());
-      return 1;
-    }
-    std::printf("  poisoned %.1f GiB of free device memory with 0x%02X (a fresh allocation saw it: %s)\n",
-                poison.bytes / double(1 << 30), poison_byte, poison.reused ? "yes" : "no");
-  }
   gyre::bench::BenchModel bench_model;
   if (!gyre::bench::CreateBenchModel(*spec, &bench_model)) return 1;
   out->init_s = bench_model.init_s;
@@ -225,7 +201,6 @@ int main(int argc, char** argv) {
   gyre::bench::EnvVariants env_variants;
   double peak = 989.0;
   int layers = 0;
-  std::string poison = "none";
   bool time_attention = true;
   app.add_option("--presets", presets, "presets")->capture_default_str();
   app.add_option("--batches", batches, "batch per preset")->capture_default_str();
@@ -243,10 +218,6 @@ int main(int argc, char** argv) {
                  "NAME=VALUE environment settings to profile per op after the main run (in-step A/B)");
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
   app.add_option("--layers", layers, "keep only the first N layers of each preset (0: all)")->capture_default_str();
-  app.add_option("--poison", poison,
-                 "fill the free device memory before each model is created: none, nan (0xFF) or 3f (0x3F); the "
-                 "first-step loss must not change")
-      ->capture_default_str();
   app.add_option("--time_attention", time_attention, "time the attention alone after each preset")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -258,18 +229,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--batches needs one value per preset\n");
     return 2;
   }
-  const int poison_byte = PoisonByte(poison);
-  if (poison_byte == -2) {
-    std::fprintf(stderr, "--poison: none, nan or 3f, got %s\n", poison.c_str());
-    return 2;
-  }
   SetNumThreads(0);  // host-side initialisation draws in parallel (ops/module.cc InitNormal)
   std::printf("device: %s\n", Cuda().DeviceDescription().c_str());
   std::vector<Result> results;
   for (size_t i = 0; i < presets.size(); ++i) {
     Result r;
-    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, env_variants, peak, layers, poison_byte,
-            time_attention, &r) != 0) {
+    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, env_variants, peak, layers, time_attention,
+            &r) != 0) {
       return 1;
     }
     Cuda().ReleaseCachedMemory();  // the next preset starts from an empty cache (recurrent_step_bench)

@@ -9,7 +9,6 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cuda/activations.h"
-#include "kernels/cuda/device_poison.h"
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/gpu_test_util.h"
 #include "kernels/cuda/rope.h"
@@ -294,40 +293,33 @@ TEST(RopeGpuTest, ForwardBackwardMatchFloat64) {
 
 // The table must be complete when BuildRopeTable returns, also for a kernel on a stream that
 // does not synchronise with the legacy default stream (the backend's stream is created
-// cudaStreamNonBlocking). A plain pageable cudaMemcpy returned with its last DMA still in flight,
-// so the first RoPE of a process could read the table's tail before it landed: whatever the
-// pages held before (helper det22, session 22). The free device memory is poisoned with NaN
-// first, so a kernel that beats the copy writes NaN; a 16 MiB table (32768 positions x D 128)
-// read right after the build, on a non-blocking stream, in several fresh allocators.
+// cudaStreamNonBlocking). The old plain pageable cudaMemcpy is documented to return with its last
+// DMA possibly still in flight (helper det22, session 22; kernels/cuda/attention_notes.md). The
+// block the table will get is filled with NaN first (allocated from the same allocator at the
+// table's size, set, freed: the allocator hands the same block back, LIFO per class), so a RoPE
+// that beats the copy writes NaN. A 16 MiB table (32768 positions x D 128) read right after the
+// build on a non-blocking stream; a different theta each trial, so a table left from an earlier
+// trial can never pass for the new one.
 TEST(RopeGpuTest, TableIsCompleteForANonBlockingStreamRightAway) {
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   const int64_t positions = 32768, head_dim = 128, half = head_dim / 2;
-  const double theta = 10000.0;
   std::mt19937_64 rng(11);
   const auto x = RandomBf16Values(rng, positions * head_dim);
-  // The float64 reference of every row, once.
-  std::vector<double> ref(x.size());
-  for (int64_t p = 0; p < positions; ++p) {
-    for (int64_t k = 0; k < half; ++k) {
-      const double ang = static_cast<double>(p) * std::pow(theta, -2.0 * k / head_dim);
-      const double co = std::cos(ang), si = std::sin(ang);
-      const double x1 = x[p * head_dim + k], x2 = x[p * head_dim + k + half];
-      ref[p * head_dim + k] = x1 * co - x2 * si;
-      ref[p * head_dim + k + half] = x2 * co + x1 * si;
-    }
-  }
+  DeviceAllocator alloc;
+  DeviceArray<bf16> d_x(&alloc, x.size()), d_y(&alloc, x.size());
+  d_x.Upload(x);
   constexpr int kTrials = 6;
   int bad_trials = 0;
   for (int trial = 0; trial < kTrials; ++trial) {
-    PoisonReport poison;
-    const CudaResult pr = PoisonFreeDeviceMemory(0xFF, size_t{4} << 30, &poison);
-    ASSERT_TRUE(pr.ok()) << pr.message;
-    DeviceAllocator alloc;
-    DeviceArray<bf16> d_x(&alloc, x.size()), d_y(&alloc, x.size());
-    d_x.Upload(x);
+    const double theta = 10000.0 + 1000.0 * trial;
+    {
+      DeviceBuffer poison;  // the block the table gets next (same class, last freed)
+      ASSERT_TRUE(alloc.Allocate(sizeof(float) * 2 * positions * half, &poison).ok());
+      ASSERT_EQ(cudaMemset(poison.get(), 0xFF, poison.bytes()), cudaSuccess);
+    }
     d_y.Poison();
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // x is on the device before the table's copy
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // x, y and the poison are in place
     RopeTable table;
     const CudaResult br = BuildRopeTable(positions, head_dim, theta, &alloc, &table);
     ASSERT_TRUE(br.ok()) << br.message;
@@ -344,18 +336,23 @@ TEST(RopeGpuTest, TableIsCompleteForANonBlockingStreamRightAway) {
     int64_t bad_rows = 0, first_bad = -1, nonfinite = 0;
     for (int64_t p = 0; p < positions; ++p) {
       bool bad = false;
-      for (int64_t i = 0; i < head_dim; ++i) {
-        const double got = y[p * head_dim + i], want = ref[p * head_dim + i];
-        nonfinite += std::isfinite(got) ? 0 : 1;
-        bad |= !(std::fabs(got - want) <= 1e-2 * std::max(1.0, std::fabs(want)));
+      for (int64_t k = 0; k < half; ++k) {
+        const double ang = static_cast<double>(p) * std::pow(theta, -2.0 * k / head_dim);
+        const double co = std::cos(ang), si = std::sin(ang);
+        const double x1 = x[p * head_dim + k], x2 = x[p * head_dim + k + half];
+        const double want[2] = {x1 * co - x2 * si, x2 * co + x1 * si};
+        const double got[2] = {y[p * head_dim + k], y[p * head_dim + k + half]};
+        for (int e = 0; e < 2; ++e) {
+          nonfinite += std::isfinite(got[e]) ? 0 : 1;
+          bad |= !(std::fabs(got[e] - want[e]) <= 1e-2 * std::max(1.0, std::fabs(want[e])));
+        }
       }
       if (bad && first_bad < 0) first_bad = p;
       bad_rows += bad ? 1 : 0;
     }
-    std::printf("  rope table 32768 x D128, trial %d: %.1f GiB poisoned (reused %s), %lld of %lld rows wrong "
-                "(%lld non-finite values), first wrong position %lld\n",
-                trial, poison.bytes / double(1 << 30), poison.reused ? "yes" : "no", (long long)bad_rows,
-                (long long)positions, (long long)nonfinite, (long long)first_bad);
+    std::printf("  rope table 32768 x D128, trial %d (theta %.0f): %lld of %lld rows wrong (%lld non-finite), "
+                "first wrong position %lld\n",
+                trial, theta, (long long)bad_rows, (long long)positions, (long long)nonfinite, (long long)first_bad);
     bad_trials += bad_rows > 0 ? 1 : 0;
   }
   cudaStreamDestroy(stream);
