@@ -154,9 +154,10 @@ CudaResult BuildRopeTable(int64_t max_positions, int64_t head_dim, double theta,
   // staged, with the last DMA to the device possibly still in flight on the legacy default
   // stream (CUDA runtime API, "API synchronization behavior"), and the backend's stream is
   // created cudaStreamNonBlocking, so its next kernel (the first RoPE of a training step) does
-  // not wait for that DMA and could read the table's tail before it landed (helper det22,
-  // session 22: the first-step loss of llama-1.3b moved between processes). So: the copy on the
+  // not wait for that DMA and could read the table's tail before it landed. So: the copy on the
   // legacy stream, then that stream synchronised (one table per head size and theta per process).
+  // Helper det22 (session 22) suspected this for llama-1.3b's moving first-step loss; the old copy
+  // never lost the race in its test (H100, driver 580.159.04), so this is hardening, not that fix.
   const char* upload = std::getenv("GYRE_ROPE_TABLE_UPLOAD");  // measurement only (det22's A/B)
   if (upload != nullptr && std::string(upload) == "legacy") {
     CUDA_RETURN_IF_ERROR(cudaMemcpy(out->cos_sin.get(), host.data(), sizeof(float) * host.size(),
