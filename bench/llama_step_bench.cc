@@ -120,12 +120,14 @@ void PrintProfile(std::vector<CudaBackend::OpTime> ops, const std::vector<double
 }
 
 int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int steps, int profile_steps,
-        const gyre::bench::EnvVariants& env_variants, double peak_tflops, Result* out) {
+        const gyre::bench::EnvVariants& env_variants, double peak_tflops, int layers, bool time_attention,
+        Result* out) {
   auto spec = PresetSpec(preset);
   if (!spec.ok()) {
     std::fprintf(stderr, "%s\n", std::string(spec.status().message()).c_str());
     return 1;
   }
+  if (layers > 0 && layers < spec->n_layers()) spec->blocks.resize(static_cast<size_t>(layers));
   gyre::bench::BenchModel bench_model;
   if (!gyre::bench::CreateBenchModel(*spec, &bench_model)) return 1;
   out->init_s = bench_model.init_s;
@@ -184,7 +186,7 @@ int Run(const std::string& preset, int64_t batch, int64_t seq, int warmup, int s
   std::printf("  losses first/last %.9g %.9g\n", out->loss_first, out->loss_last);
   std::fflush(stdout);
   bench_model.Release();
-  TimeAttention(*spec, batch, seq);
+  if (time_attention) TimeAttention(*spec, batch, seq);
   return 0;
 }
 
@@ -198,6 +200,8 @@ int main(int argc, char** argv) {
   int warmup = 3, steps = 10, profile_steps = 0;
   gyre::bench::EnvVariants env_variants;
   double peak = 989.0;
+  int layers = 0;
+  bool time_attention = true;
   app.add_option("--presets", presets, "presets")->capture_default_str();
   app.add_option("--batches", batches, "batch per preset")->capture_default_str();
   app.add_option("--seq", seq, "context")->capture_default_str();
@@ -213,6 +217,9 @@ int main(int argc, char** argv) {
   app.add_option("--profile_variants", env_variants.profile,
                  "NAME=VALUE environment settings to profile per op after the main run (in-step A/B)");
   app.add_option("--peak-tflops", peak, "peak dense bf16 TFLOP/s for MFU")->capture_default_str();
+  app.add_option("--layers", layers, "keep only the first N layers of each preset (0: all)")->capture_default_str();
+  app.add_option("--time_attention", time_attention, "time the attention alone after each preset")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (CudaBackendOrNull() == nullptr) {
     std::fprintf(stderr, "built without CUDA\n");
@@ -227,7 +234,10 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   for (size_t i = 0; i < presets.size(); ++i) {
     Result r;
-    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, env_variants, peak, &r) != 0) return 1;
+    if (Run(presets[i], batches[i], seq, warmup, steps, profile_steps, env_variants, peak, layers, time_attention,
+            &r) != 0) {
+      return 1;
+    }
     Cuda().ReleaseCachedMemory();  // the next preset starts from an empty cache (recurrent_step_bench)
     results.push_back(r);
   }

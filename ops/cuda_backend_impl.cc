@@ -1319,6 +1319,12 @@ class Backend final : public CudaBackend {
   const kc::RopeTable& RopeTableFor(int64_t seq, int64_t head_dim, double theta) {
     auto& slot = rope_tables_[{head_dim, theta}];
     if (slot == nullptr || slot->max_positions < seq) {
+      // The table's copy runs outside stream_ (BuildRopeTable completes it on the legacy stream
+      // before returning), so stream_ is drained first: the allocator hands out blocks that
+      // stream_'s pending kernels may still use, ordered only on stream_. Once per head size and
+      // theta per process (helper det22, kernels/cuda/attention_notes.md). Not inside a graph
+      // capture (a capture's allocations come from its own pool; a sync would end the capture).
+      if (!capturing_) CUDA_OR_DIE(cudaStreamSynchronize(stream_));
       slot = std::make_unique<kc::RopeTable>();
       OK_OR_DIE(kc::BuildRopeTable(std::max<int64_t>(seq, 2048), head_dim, theta, alloc_, slot.get()));
     }

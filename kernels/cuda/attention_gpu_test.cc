@@ -729,6 +729,73 @@ TEST(AttentionGpuTest, DeterministicArgumentIsBitwiseRepeatable) {
   EXPECT_EQ(failures, 0);
 }
 
+// The forward must be bitwise repeatable: out, lse and the fused RoPE's q_rotated the same bits
+// over repeated launches on a non-blocking stream (as the backend launches it), at the Llama
+// training shapes: llama-1.3b's (B8 T2048 H16 D128, the step's fused qkv rows, RoPE fused) and
+// llama-125m's (B16 T2048 H12 D64). Helper det22 (session 22): 1.3b's first-step loss moved between
+// processes while 125m's never did; a race in the D 128 forward (the only forward kernel 1.3b runs
+// and 125m does not) would show here as differing values in some repeat. Outputs are poisoned
+// before every launch. q_rotated is a separate buffer (q's row stride) so every launch reads the
+// same q.
+TEST(AttentionGpuTest, ForwardBitwiseRepeatable) {
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  std::mt19937_64 rng(19);
+  DeviceAllocator alloc;
+  int failures = 0;
+  for (const Problem& p : {Problem{8, 2048, 16, 16, 128, true, 0, 0, 128, 0},
+                           Problem{16, 2048, 12, 12, 64, true, 0, 0, 64, 0}}) {
+    const int64_t rows = p.batch * p.seq, H = p.heads, D = p.dim;
+    DeviceQkv x;
+    MakeQkv(&alloc, rng, p, &x);
+    DeviceArray<bf16> d_out(&alloc, rows * H * D), q_rot(&alloc, rows * x.q_stride);
+    DeviceArray<float> d_lse(&alloc, p.batch * H * p.seq);
+    RopeTable table;
+    CUDA_OK_OR_DIE(BuildRopeTable(p.seq, p.rope, 10000.0, &alloc, &table));
+    AttentionForwardArgs fa = ForwardArgs(p, x, d_out.get(), d_lse.get());
+    fa.rope = &table;
+    fa.q_rotated = q_rot.get();
+    auto bits = [](const std::vector<float>& v) {
+      std::vector<uint32_t> b(v.size());
+      std::memcpy(b.data(), v.data(), v.size() * sizeof(float));
+      return b;
+    };
+    constexpr int kRepeats = 8;
+    std::vector<uint32_t> first[3];
+    int64_t differing[3] = {0, 0, 0};
+    for (int run = 0; run < kRepeats; ++run) {
+      d_out.Poison();
+      d_lse.Poison();
+      q_rot.Poison();
+      CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
+      CUDA_OK_OR_DIE(AttentionForward(fa, stream));
+      CUDA_CHECK_OR_DIE(cudaStreamSynchronize(stream));
+      std::vector<uint32_t> got[3] = {bits(d_out.Download()), bits(d_lse.Download()), {}};
+      // q_rotated: only the q columns of each row are written (the rest keep the poison).
+      const std::vector<float> qr = q_rot.Download();
+      for (int64_t r = 0; r < rows; ++r) {
+        const std::vector<float> row(qr.begin() + r * x.q_stride, qr.begin() + r * x.q_stride + H * D);
+        const std::vector<uint32_t> b = bits(row);
+        got[2].insert(got[2].end(), b.begin(), b.end());
+      }
+      for (int i = 0; i < 3; ++i) {
+        if (run == 0) {
+          first[i] = got[i];
+          continue;
+        }
+        for (size_t j = 0; j < got[i].size(); ++j) differing[i] += got[i][j] != first[i][j];
+      }
+    }
+    const bool ok = differing[0] == 0 && differing[1] == 0 && differing[2] == 0;
+    std::printf("[%s] attention fwd bitwise repeat %s, %d launches: differing out %lld, lse %lld, q_rotated %lld\n",
+                ok ? "PASS" : "FAIL", ShapeName(p).c_str(), kRepeats, static_cast<long long>(differing[0]),
+                static_cast<long long>(differing[1]), static_cast<long long>(differing[2]));
+    if (!ok) ++failures;
+  }
+  cudaStreamDestroy(stream);
+  EXPECT_EQ(failures, 0);
+}
+
 TEST(AttentionGpuTest, RejectsBadArguments) {
   DeviceAllocator alloc;
   DeviceArray<bf16> buf(&alloc, 4096);

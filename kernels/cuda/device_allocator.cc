@@ -3,7 +3,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <iterator>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -30,6 +32,35 @@ void DeviceBuffer::reset() {
   ptr_ = nullptr;
   bytes_ = 0;
 }
+
+namespace {
+
+// GYRE_ALLOC_POISON (diagnosis only, read once; helper det22, session 22): "nan" or "3f" fills
+// every block Allocate hands out with 0xFF / 0x3F bytes before the caller gets it, so a kernel
+// that reads bytes it did not write (and nobody wrote since the allocation) sees NaN or 0.746
+// instead of whatever the block held, and its output changes with the pattern. Blocks carry no
+// stream (see device_allocator.h), so the fill is made safe the slow way: the device is drained
+// first (every earlier user of a cached block is done), the block is set on the legacy stream
+// and that is waited for. Two synchronisations per allocation: for one-step diagnosis runs, never
+// a default. Not during a graph pool's capture (no synchronisation allowed there).
+int PoisonByte() {
+  static const int byte = [] {
+    const char* v = std::getenv("GYRE_ALLOC_POISON");
+    if (v == nullptr) return -1;
+    const std::string s(v);
+    return s == "nan" ? 0xFF : s == "3f" ? 0x3F : -1;
+  }();
+  return byte;
+}
+
+CudaResult PoisonBlock(void* ptr, size_t bytes) {
+  CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ptr, PoisonByte(), bytes, cudaStreamLegacy));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cudaStreamLegacy));
+  return {};
+}
+
+}  // namespace
 
 size_t DeviceAllocator::ClassBytes(size_t bytes) {
   if (bytes <= 4096) return (bytes + 255) / 256 * 256;
@@ -100,6 +131,7 @@ CudaResult DeviceAllocator::Allocate(size_t bytes, DeviceBuffer* out) {
     }
     ++stats_.device_mallocs;
   }
+  if (PoisonByte() >= 0 && capturing_ == 0) CUDA_RETURN_IF_NOT_OK(PoisonBlock(ptr, cls));
   live_[ptr] = Live{cls, capturing_};
   ++stats_.allocations;
   stats_.bytes_in_use += cls;

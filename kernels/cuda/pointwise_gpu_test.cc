@@ -1,7 +1,9 @@
 // Needs a GPU: embedding (forward gather, deterministic backward), SiLU/GeLU and their gated
 // forms (SwiGLU / GeGLU), and RoPE, forward and backward, against float64 references on the same
 // bf16 inputs; odd sizes take the scalar paths, multiples of 8 the 16-byte paths.
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -287,6 +289,74 @@ TEST(RopeGpuTest, ForwardBackwardMatchFloat64) {
     EXPECT_TRUE(Report(name + " fwd", shape, RelError(y_got, y_ref), testing::kTolBf16));
     EXPECT_TRUE(Report(name + " bwd", shape, RelError(dx_got, dx_ref), testing::kTolBf16));
   }
+}
+
+// The table must be complete when BuildRopeTable returns, also for a kernel on a stream that
+// does not synchronise with the legacy default stream (the backend's stream is created
+// cudaStreamNonBlocking). The old plain pageable cudaMemcpy is documented to return with its last
+// DMA possibly still in flight (helper det22, session 22; kernels/cuda/attention_notes.md). The
+// block the table will get is filled with NaN first (allocated from the same allocator at the
+// table's size, set, freed: the allocator hands the same block back, LIFO per class), so a RoPE
+// that beats the copy writes NaN. A 16 MiB table (32768 positions x D 128) read right after the
+// build on a non-blocking stream; a different theta each trial, so a table left from an earlier
+// trial can never pass for the new one.
+TEST(RopeGpuTest, TableIsCompleteForANonBlockingStreamRightAway) {
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const int64_t positions = 32768, head_dim = 128, half = head_dim / 2;
+  std::mt19937_64 rng(11);
+  const auto x = RandomBf16Values(rng, positions * head_dim);
+  DeviceAllocator alloc;
+  DeviceArray<bf16> d_x(&alloc, x.size()), d_y(&alloc, x.size());
+  d_x.Upload(x);
+  constexpr int kTrials = 6;
+  int bad_trials = 0;
+  for (int trial = 0; trial < kTrials; ++trial) {
+    const double theta = 10000.0 + 1000.0 * trial;
+    {
+      DeviceBuffer poison;  // the block the table gets next (same class, last freed)
+      ASSERT_TRUE(alloc.Allocate(sizeof(float) * 2 * positions * half, &poison).ok());
+      ASSERT_EQ(cudaMemset(poison.get(), 0xFF, poison.bytes()), cudaSuccess);
+    }
+    d_y.Poison();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // x, y and the poison are in place
+    RopeTable table;
+    const CudaResult br = BuildRopeTable(positions, head_dim, theta, &alloc, &table);
+    ASSERT_TRUE(br.ok()) << br.message;
+    RopeArgs f;  // launched the moment the build returns, as the backend's first RoPE is
+    f.x = d_x.get();
+    f.y = d_y.get();
+    f.rows = positions;
+    f.seq = positions;
+    f.heads = 1;
+    f.row_stride = head_dim;
+    ASSERT_TRUE(RopeForward(table, f, stream).ok());
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const auto y = d_y.Download();
+    int64_t bad_rows = 0, first_bad = -1, nonfinite = 0;
+    for (int64_t p = 0; p < positions; ++p) {
+      bool bad = false;
+      for (int64_t k = 0; k < half; ++k) {
+        const double ang = static_cast<double>(p) * std::pow(theta, -2.0 * k / head_dim);
+        const double co = std::cos(ang), si = std::sin(ang);
+        const double x1 = x[p * head_dim + k], x2 = x[p * head_dim + k + half];
+        const double want[2] = {x1 * co - x2 * si, x2 * co + x1 * si};
+        const double got[2] = {y[p * head_dim + k], y[p * head_dim + k + half]};
+        for (int e = 0; e < 2; ++e) {
+          nonfinite += std::isfinite(got[e]) ? 0 : 1;
+          bad |= !(std::fabs(got[e] - want[e]) <= 1e-2 * std::max(1.0, std::fabs(want[e])));
+        }
+      }
+      if (bad && first_bad < 0) first_bad = p;
+      bad_rows += bad ? 1 : 0;
+    }
+    std::printf("  rope table 32768 x D128, trial %d (theta %.0f): %lld of %lld rows wrong (%lld non-finite), "
+                "first wrong position %lld\n",
+                trial, theta, (long long)bad_rows, (long long)positions, (long long)nonfinite, (long long)first_bad);
+    bad_trials += bad_rows > 0 ? 1 : 0;
+  }
+  cudaStreamDestroy(stream);
+  EXPECT_EQ(bad_trials, 0) << "a RoPE launched right after BuildRopeTable read a table that had not landed";
 }
 
 TEST(RopeGpuTest, PositionOutsideTableWritesNaN) {

@@ -12,8 +12,10 @@
 // gap to the 4 B/element floor: 2-byte accesses (64 B per warp instruction).
 #include "kernels/cuda/rope.h"
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
@@ -147,8 +149,24 @@ CudaResult BuildRopeTable(int64_t max_positions, int64_t head_dim, double theta,
     }
   }
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(sizeof(float) * host.size(), &out->cos_sin));
-  CUDA_RETURN_IF_ERROR(cudaMemcpy(out->cos_sin.get(), host.data(), sizeof(float) * host.size(),
-                                  cudaMemcpyHostToDevice));
+  // The table must be complete on the device when this returns, for every stream. A plain
+  // cudaMemcpy from pageable memory does not promise that: it returns once the host buffer is
+  // staged, with the last DMA to the device possibly still in flight on the legacy default
+  // stream (CUDA runtime API, "API synchronization behavior"), and the backend's stream is
+  // created cudaStreamNonBlocking, so its next kernel (the first RoPE of a training step) does
+  // not wait for that DMA and could read the table's tail before it landed. So: the copy on the
+  // legacy stream, then that stream synchronised (one table per head size and theta per process).
+  // Helper det22 (session 22) suspected this for llama-1.3b's moving first-step loss; the old copy
+  // never lost the race in its test (H100, driver 580.159.04), so this is hardening, not that fix.
+  const char* upload = std::getenv("GYRE_ROPE_TABLE_UPLOAD");  // measurement only (det22's A/B)
+  if (upload != nullptr && std::string(upload) == "legacy") {
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(out->cos_sin.get(), host.data(), sizeof(float) * host.size(),
+                                    cudaMemcpyHostToDevice));
+  } else {
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->cos_sin.get(), host.data(), sizeof(float) * host.size(),
+                                         cudaMemcpyHostToDevice, cudaStreamLegacy));
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cudaStreamLegacy));
+  }
   out->max_positions = max_positions;
   out->head_dim = head_dim;
   return {};
