@@ -1089,16 +1089,22 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
                           int64_t kv_heads, bf16* dq, const InvRope& rope, int* dq_turns,
-                          PhaseRecorder* phases, cudaStream_t stream) {
+                          int* dq_tickets, PhaseRecorder* phases, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
-  const int64_t prep_threads = rows_heads * (kD / 8);
-  attn_bwd_prep_kernel<kD>
-      <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
-          blocked ? BwdWsDqBlockCols(kD) : 0);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
+  if (dq_tickets != nullptr) {  // GYRE_ATTN_BWD128_STORE: dq_acc is not zeroed
+    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardStorePrep(
+        a.out, a.dout, const_cast<float*>(p.dvec), rows_heads, p.seq, p.heads, dq_tickets,
+        BwdStoreTicketCount(batch, p.heads, p.seq), stream));
+  } else {
+    const int64_t prep_threads = rows_heads * (kD / 8);
+    attn_bwd_prep_kernel<kD>
+        <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+            a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
+            blocked ? BwdWsDqBlockCols(kD) : 0);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
+  }
   phases->Mark("prep");
   if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};
@@ -1124,6 +1130,9 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     if (dq_turns != nullptr) {
       CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaDeterministic(w, batch, kv_heads, kD,
                                                                       dq_turns, stream));
+    } else if (dq_tickets != nullptr) {
+      CUDA_RETURN_IF_NOT_OK(
+          LaunchAttentionBackwardWgmmaStore(w, batch, kv_heads, dq_tickets, stream));
     } else {
       CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
     }
@@ -1310,13 +1319,28 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
         "AttentionBackward: the deterministic backward needs the ws backward (GYRE_ATTN_BWD=mma "
         "adds dQ with atomics in no fixed order)");
   }
+  // GYRE_ATTN_BWD128_STORE (read at each call, so that llama_step_bench --variants can alternate
+  // it in one process): 1 = the D 128 ws backward without zeroing dq_acc (attention_bwd_store.cu),
+  // unset / 0 = the default; other values are an error. D 64, the deterministic backward and
+  // GYRE_ATTN_BWD=mma are unaffected.
+  const char* store_env = std::getenv("GYRE_ATTN_BWD128_STORE");
+  const bool store_on = store_env != nullptr && std::strcmp(store_env, "1") == 0;
+  if (store_env != nullptr && !store_on && std::strcmp(store_env, "0") != 0) {
+    return InvalidArgument(std::string("GYRE_ATTN_BWD128_STORE must be 0 or 1, got '") +
+                           store_env + "'");
+  }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
   PhaseRecorder phases("bwd", s, q_stride, kv_stride, args.rope != nullptr, deterministic, stream);
-  DeviceBuffer dq_acc, dvec, dq_turns;
+  DeviceBuffer dq_acc, dvec, dq_turns, dq_tickets;
   if (deterministic) {
     const size_t bytes = static_cast<size_t>(BwdDetTurnCount(s.batch, s.heads, s.seq)) * sizeof(int);
     CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_turns));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_turns.as<int>(), 0, bytes, stream));
+  } else if (store_on && s.head_dim == 128 && BackwardPath() == BwdPath::kWs) {
+    // Zeroed by the store path's prep kernel.
+    const size_t bytes =
+        static_cast<size_t>(BwdStoreTicketCount(s.batch, s.heads, s.seq)) * sizeof(int);
+    CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_tickets));
   }
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
       BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
@@ -1346,10 +1370,10 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   // ordered before any later user of the block on the same stream (allocator contract).
   if (s.head_dim == 64) {
     return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
-                              &phases, stream);
+                              nullptr, &phases, stream);
   }
   return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
-                             &phases, stream);
+                             dq_tickets.as<int>(), &phases, stream);
 }
 
 }  // namespace gyre::cuda

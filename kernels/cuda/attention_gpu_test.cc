@@ -254,7 +254,10 @@ AttentionForwardArgs ForwardArgs(const Problem& p, const DeviceQkv& x, bf16* out
   return fa;
 }
 
-bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p) {
+// before_backward (optional) runs right before AttentionBackward (StaleDqAcc uses it to leave a
+// NaN-filled block on the allocator's free list).
+bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p,
+                        const std::function<void()>& before_backward = nullptr) {
   const std::string shape = ShapeName(p);
   const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
   DeviceQkv x;
@@ -341,6 +344,7 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
   ba.dk = dk;
   ba.dv = dv;
   if (p.rope > 0) ba.rope = &table;
+  if (before_backward) before_backward();
   const CudaResult br = AttentionBackward(alloc, ba, nullptr);
   CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
   if (!br.ok()) {
@@ -729,6 +733,37 @@ TEST(AttentionGpuTest, DeterministicArgumentIsBitwiseRepeatable) {
   EXPECT_EQ(failures, 0);
 }
 
+// D 128 with GYRE_ATTN_BWD128_STORE=1 (attention_bwd_store.cu) does not zero dq_acc: the first
+// contribution to each dq_acc half-tile must overwrite what the block held. Right before each
+// backward a NaN-filled (0xFF bytes) block of dq_acc's exact size is freed, so the backward's
+// dq_acc (the allocator's LIFO free list of that class) is that block: a half-tile that were
+// added to instead of copied, or copied after an addition, comes out NaN or wrong. Odd T, GQA,
+// fused strides, the fused RoPE, and T 2048 (16 key blocks, many visitors per tile). Passes
+// with the default path too (its prep zeroes the block).
+TEST(AttentionGpuTest, StaleDqAccMatchFloat64Reference) {
+  std::mt19937_64 rng(17);
+  DeviceAllocator alloc;
+  int failures = 0, checks = 0;
+  for (const Problem& p : {Problem{2, 1000, 8, 2, 128, false}, Problem{2, 257, 8, 2, 128, true},
+                           Problem{1, 300, 4, 4, 128, false, 0, 0, 64},
+                           Problem{1, 700, 4, 2, 128, false, 0, 0, 128},
+                           Problem{1, 2048, 4, 2, 128, false}, Problem{1, 65, 2, 1, 128, false}}) {
+    const size_t dq_acc_floats =
+        static_cast<size_t>(p.batch * ((p.seq + 63) / 64 * 64) * p.heads * p.dim);
+    auto stale = [&]() {
+      DeviceArray<float> block(&alloc, dq_acc_floats);
+      block.Poison();
+    };
+    ++checks;
+    if (!RunForwardBackward(&alloc, rng, p, stale)) ++failures;
+  }
+  const char* store = std::getenv("GYRE_ATTN_BWD128_STORE");
+  std::printf("attention_gpu_test stale dq_acc (GYRE_ATTN_BWD128_STORE=%s): %d of %d problems "
+              "passed\n",
+              store != nullptr ? store : "unset", checks - failures, checks);
+  EXPECT_EQ(failures, 0);
+}
+
 TEST(AttentionGpuTest, RejectsBadArguments) {
   DeviceAllocator alloc;
   DeviceArray<bf16> buf(&alloc, 4096);
@@ -760,6 +795,16 @@ TEST(AttentionGpuTest, RejectsBadArguments) {
   EXPECT_FALSE(AttentionBackward(&alloc, ba, nullptr).ok());  // rotary dim not a multiple of 16
   ASSERT_TRUE(BuildRopeTable(3, 32, 10000.0, &alloc, &table).ok());
   EXPECT_FALSE(AttentionBackward(&alloc, ba, nullptr).ok());  // table shorter than seq
+  ba.rope = nullptr;
+  const char* store = std::getenv("GYRE_ATTN_BWD128_STORE");
+  const std::string saved = store != nullptr ? store : "";
+  setenv("GYRE_ATTN_BWD128_STORE", "bogus", 1);
+  EXPECT_FALSE(AttentionBackward(&alloc, ba, nullptr).ok());  // not 0 or 1
+  if (store != nullptr) {
+    setenv("GYRE_ATTN_BWD128_STORE", saved.c_str(), 1);
+  } else {
+    unsetenv("GYRE_ATTN_BWD128_STORE");
+  }
 }
 
 }  // namespace

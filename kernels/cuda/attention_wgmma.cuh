@@ -180,6 +180,14 @@ __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uin
       : "memory");
   BulkCommit();
 }
+// The first-visitor form (kStore, attention_bwd_store.cu): a plain bulk copy of the staging tile
+// into dq_acc (no addition), so that dq_acc need not be zeroed first.
+__device__ __forceinline__ void BulkStoreF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gdst),
+               "r"(ssrc), "r"(bytes)
+               : "memory");
+  BulkCommit();
+}
 constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RESULTS.md attn4)
 
 // Shared memory of the backward main kernel. kDet (the deterministic kernels,
@@ -310,6 +318,9 @@ __device__ __forceinline__ int LdRelaxedGpu(const int* ptr) {
 __device__ __forceinline__ void RedReleaseGpuAddOne(int* ptr) {
   asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(ptr) : "memory");
 }
+__device__ __forceinline__ void StReleaseGpuOne(int* ptr) {
+  asm volatile("st.release.gpu.global.b32 [%0], 1;\n" ::"l"(ptr) : "memory");
+}
 __device__ __forceinline__ void FenceAcqRelGpu() {
   asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
 }
@@ -385,6 +396,71 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
   }
 }
 
+// The dQ writer of consumer warpgroup c in the first-visitor form (kStore, D 128; producer warp
+// 2 + c, lane 0 issues): the DqWriter handoff (staging tile -> dq_full[c][0] -> bulk operation ->
+// named barrier kDqEmptyBar + c) with a ticket instead of a turn. tickets: per (batch, head,
+// 64-row query tile, column half) {ticket, stored flag}, zeroed by the store path's prep. For
+// each query tile the writer first takes its ticket (atomicAdd) and reads the flag, both while
+// its consumers still compute the tile; ticket 0 (the first writer there, whoever it is) copies
+// the half-tile into dq_acc (cp.async.bulk, no addition), waits for the copy's completion and
+// sets the flag (st.release); any other ticket adds (cp.reduce.async.bulk .add) once the flag
+// is set (polled only if it was still 0). Deadlock-free: a writer only ever waits for the flag
+// of a tile whose ticket 0 is held by a running block, and that block's progress to the flag
+// depends only on tiles earlier in the (head, query tile) order.
+template <int kD>
+__device__ __forceinline__ void DqStoreWriter(const WgmmaBwdParams& p, int* tickets, int c, int hk,
+                                              int b, int m_first, int m_tiles, int total,
+                                              uint32_t stage_base, uint32_t full) {
+  using L = BwdWsLayout<kD, true>;
+  static_assert(!L::kKeySplit && L::kDqStages == 1, "column split, one staging tile");
+  constexpr int kTileFloats = kD / L::kDqN * 64 * L::kDqN;
+  const bool lane0 = (threadIdx.x & 31) == 0;
+  int tile = ((b * p.heads + hk * p.group) * m_tiles + m_first);  // < 2^31
+  const uint32_t stage_c = stage_base + c * L::kDqBytes;
+  const uint32_t full_c = full + 8 * c * L::kDqStages;
+  const int bar_c = L::kDqEmptyBar + c;
+  int m_tile = m_first;
+  for (int n = 0; n < total; ++n) {
+    bool first = false;
+    if (lane0) {
+      int* tk = tickets + 4 * static_cast<int64_t>(tile) + 2 * c;
+      const int ticket = atomicAdd(tk, 1);
+      int flag = LdRelaxedGpu(tk + 1);
+      first = ticket == 0;
+      MbWait(full_c, n & 1);
+      float* dst = p.dq_acc + static_cast<int64_t>(tile) * kTileFloats + c * 64 * L::kDqN;
+      if (first) {
+        BulkStoreF32(dst, stage_c, L::kDqBytes);
+      } else {
+        if (flag == 0) {
+          const uint64_t t0 = GlobalTimerNs();
+          while ((flag = LdRelaxedGpu(tk + 1)) == 0) {
+            if (GlobalTimerNs() - t0 > kTurnTimeoutNs) __trap();
+          }
+        }
+        FenceAcqRelGpu();  // the first writer's copy happens before this addition
+        FenceProxyAsyncGlobal();
+        BulkReduceAddF32(dst, stage_c, L::kDqBytes);
+      }
+      BulkWaitRead<0>();
+    }
+    __syncwarp();
+    // The consumer syncs on this before it writes its staging tile again.
+    if (n + 1 < total) NamedBarArrive(bar_c, 160);
+    if (lane0 && first) {
+      BulkWait<0>();  // the copy has been performed
+      FenceProxyAsyncGlobal();
+      StReleaseGpuOne(tickets + 4 * static_cast<int64_t>(tile) + 2 * c + 1);
+    }
+    ++tile;
+    if (++m_tile == m_tiles) {  // next query head of the group: (h, m_tiles) -> (h + 1, m_first)
+      m_tile = m_first;
+      tile += m_first;
+    }
+  }
+  if (lane0) BulkWait<0>();
+}
+
 // The kernel body, shared by attn_bwd_ws_kernel (without the fused RoPE), attn_bwd_ws_rope_kernel
 // (kRope) — both at D 128 only since session 22 (D 64: attention_bwd_q128.cu's 128-query
 // tiles; its key-split form below now serves the deterministic D 64 kernel) — and the
@@ -405,11 +481,18 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
 //     first), so a block waits only for blocks launched before it (FlashAttention-3's
 //     deterministic backward makes the same choice); this assumes blocks are dispatched in
 //     launch order, as FA3 does. A writer that waits 20 s traps (a bug, not a wait).
-template <int kD, bool kRope, bool kDet = false>
+// kStore (attention_bwd_store.cu, D 128; dq_tickets) is kDet's writer handoff without the
+// order: the writers are DqStoreWriter (the first contribution to each dq_acc half-tile is a
+// copy, so dq_acc is not zeroed), the block order is the default's (longest first).
+template <int kD, bool kRope, bool kDet = false, bool kStore = false>
 __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
-                                          const int head_group, int* const dq_turns = nullptr) {
+                                          const int head_group, int* const dq_turns = nullptr,
+                                          int* const dq_tickets = nullptr) {
   static_assert(!kDet || kRope, "the deterministic kernel has one epilogue");
-  using L = BwdWsLayout<kD, kDet>;
+  static_assert(!kStore || (kD == 128 && !kDet), "the first-visitor store: D 128 only");
+  // kDet or kStore: dQ reaches dq_acc through the producer's writer warps 2 and 3.
+  constexpr bool kWriters = kDet || kStore;
+  using L = BwdWsLayout<kD, kWriters>;
   // The deterministic form at D 64: partial dQ tiles summed in shared memory before the order.
   constexpr bool kPresum = kDet && L::kKeySplit;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
@@ -444,13 +527,13 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   if (tid == 0) {
     for (int s = 0; s < kBwdStages; ++s) {
-      MbInit(full_bar(s), kDet ? 64 : 128);  // kDet: warps 0-1 of the producer copy lse / D
+      MbInit(full_bar(s), kWriters ? 64 : 128);  // kWriters: warps 0-1 of the producer copy lse / D
       MbInit(empty_bar(s), 256);
     }
     for (int i = 0; i < 2; ++i) {
       MbInit(ds_full(i), 256);
       MbInit(ds_empty(i), 256);
-      if constexpr (kDet) {
+      if constexpr (kWriters) {
         for (int t = 0; t < L::kDqStages; ++t) MbInit(dq_full(i, t), 128);
       }
     }
@@ -481,6 +564,14 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     // consumers' setmaxnreg.inc can only take what the producer gives back, so 128 · 24 +
     // 256 · 240 <= 384 · 168 (otherwise setmaxnreg.inc waits forever).
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if constexpr (kStore) {
+      const int pwarp = wtid / 32;
+      if (pwarp >= 2) {
+        DqStoreWriter<kD>(p, dq_tickets, pwarp - 2, hk, b, m_first, m_tiles, total,
+                          base + L::kDQ, base + L::kBars + 8 * (2 * kBwdStages + 4));
+        return;
+      }
+    }
     if constexpr (kDet) {
       const int pwarp = wtid / 32;
       if (pwarp >= 2) {
@@ -517,7 +608,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
         tile(base + L::kQ + s * L::kQBytes, &maps.q, full_bar(s), h, m0, kBM);
         tile(base + L::kDO + s * L::kQBytes, &maps.dout, full_bar(s), h, m0, kBM);
       }
-      if constexpr (kDet) {
+      if constexpr (kWriters) {
         const int r = wtid;  // < 64
         const bool valid = m0 + r < seq;
         const int64_t off = (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
@@ -606,7 +697,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       }
     } else {
       unsigned char* stage = dq_stage;
-      if constexpr (kDet) {
+      if constexpr (kWriters) {
         const int t = n % L::kDqStages;
         if (n >= L::kDqStages) NamedBarrierSync(L::kDqEmptyBar + cwg * L::kDqStages + t, 160);
         stage = base_ptr + (dq_stage_addr(cwg, t) - base);
@@ -624,7 +715,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
               make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
         }
       FenceProxyAsync();
-      if constexpr (kDet) {
+      if constexpr (kWriters) {
         MbArrive(dq_full(cwg, n % L::kDqStages));
       } else {
         NamedBarrierSync(3 + cwg, 128);
@@ -860,7 +951,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
         }
       }
     }
-    if constexpr (!kDet) {
+    if constexpr (!kWriters) {
       if (reducer) BulkWait<0>();
     }
 #pragma unroll
@@ -872,7 +963,9 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       }
     }
   } else {
-    if (reducer) BulkWait<0>();
+    if constexpr (!kWriters) {
+      if (reducer) BulkWait<0>();
+    }
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
   }

@@ -91,6 +91,21 @@ CudaResult LaunchAttentionBackwardWgmmaDetPresum(const WgmmaBwdParams& p, int64_
                                                  int64_t kv_heads, int* dq_turns,
                                                  cudaStream_t stream);
 
+// The D 128 backward that never zeroes dq_acc (attention_bwd_store.cu; opt-in
+// GYRE_ATTN_BWD128_STORE=1): the first contribution to each dq_acc half-tile is a bulk store,
+// ordered by per-tile tickets. dq_tickets: BwdStoreTicketCount ints, zeroed by the prep below,
+// which replaces attention.cu's prep (D_i only; dq_acc is left as it is).
+inline int64_t BwdStoreTicketCount(int64_t batch, int64_t heads, int64_t seq) {
+  return batch * heads * ((seq + 63) / 64) * 4;  // 2 column halves x {ticket, stored flag}
+}
+CudaResult LaunchAttentionBackwardStorePrep(const __nv_bfloat16* out, const __nv_bfloat16* dout,
+                                            float* dvec, int64_t rows_heads, int seq, int heads,
+                                            int* dq_tickets, int64_t ticket_ints,
+                                            cudaStream_t stream);
+CudaResult LaunchAttentionBackwardWgmmaStore(const WgmmaBwdParams& p, int64_t batch,
+                                             int64_t kv_heads, int* dq_tickets,
+                                             cudaStream_t stream);
+
 // The D 64 main kernel (called by the above at head_dim 64): 128-query tiles
 // (attention_bwd_q128.cu); same params, dq_acc layout and prep / conversion as at D 128.
 CudaResult LaunchAttentionBackwardWgmmaQ128(const WgmmaBwdParams& p, int64_t batch,
