@@ -9,9 +9,12 @@
 //                                           pass (both score GEMMs only on band tiles); the
 //                                           plain D 64 forward: attention_fwd64.cu (three
 //                                           consumer warpgroups, 192-row blocks; attn64f)
-//   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
-//                                           TMA producer, mbarrier ring, dQ through shared
-//                                           memory and bulk reductions (blocked dq_acc layout)
+//   backward main kernel            "ws"    warp-specialised (FA3 structure): TMA producer,
+//                                           mbarrier ring, dQ through shared memory and bulk
+//                                           operations (blocked dq_acc layout); D 128:
+//                                           attention_bwd_store.cu (dq_acc not zeroed: the first
+//                                           contribution is a copy; with its own prep), D 64:
+//                                           attention_bwd_q128.cu
 // GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} select
 // another path (tests and benchmarks run every one). The mma.sync kernels below stay as the
 // reference implementation and the fallback.
@@ -55,7 +58,8 @@
 //   (attention_wgmma.cu), so the default no longer uses this one.
 //
 // Backward: FA2 with recomputation, three launches.
-//   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator.
+//   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator
+//                           (all paths but the D 128 ws one, which runs attention_bwd_store.cu's).
 //   attn_bwd_kernel<D>      grid (ceil(T/128), Hk, B), 256 threads. A block owns 128 keys of one
 //                           kv head: K, V tiles stay in shared memory, dK, dV accumulate in
 //                           registers (fp32) over every query head of the GQA group and every
@@ -1093,7 +1097,7 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
-  if (dq_tickets != nullptr) {  // GYRE_ATTN_BWD128_STORE: dq_acc is not zeroed
+  if (dq_tickets != nullptr) {  // the D 128 ws backward: dq_acc is not zeroed
     CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardStorePrep(
         a.out, a.dout, const_cast<float*>(p.dvec), rows_heads, p.seq, p.heads, dq_tickets,
         BwdStoreTicketCount(batch, p.heads, p.seq), stream));
@@ -1130,11 +1134,11 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     if (dq_turns != nullptr) {
       CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaDeterministic(w, batch, kv_heads, kD,
                                                                       dq_turns, stream));
-    } else if (dq_tickets != nullptr) {
+    } else if constexpr (kD == 128) {
       CUDA_RETURN_IF_NOT_OK(
           LaunchAttentionBackwardWgmmaStore(w, batch, kv_heads, dq_tickets, stream));
     } else {
-      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaQ128(w, batch, kv_heads, stream));
     }
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
@@ -1319,16 +1323,6 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
         "AttentionBackward: the deterministic backward needs the ws backward (GYRE_ATTN_BWD=mma "
         "adds dQ with atomics in no fixed order)");
   }
-  // GYRE_ATTN_BWD128_STORE (read at each call, so that llama_step_bench --variants can alternate
-  // it in one process): 1 = the D 128 ws backward without zeroing dq_acc (attention_bwd_store.cu),
-  // unset / 0 = the default; other values are an error. D 64, the deterministic backward and
-  // GYRE_ATTN_BWD=mma are unaffected.
-  const char* store_env = std::getenv("GYRE_ATTN_BWD128_STORE");
-  const bool store_on = store_env != nullptr && std::strcmp(store_env, "1") == 0;
-  if (store_env != nullptr && !store_on && std::strcmp(store_env, "0") != 0) {
-    return InvalidArgument(std::string("GYRE_ATTN_BWD128_STORE must be 0 or 1, got '") +
-                           store_env + "'");
-  }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
   PhaseRecorder phases("bwd", s, q_stride, kv_stride, args.rope != nullptr, deterministic, stream);
   DeviceBuffer dq_acc, dvec, dq_turns, dq_tickets;
@@ -1336,8 +1330,8 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
     const size_t bytes = static_cast<size_t>(BwdDetTurnCount(s.batch, s.heads, s.seq)) * sizeof(int);
     CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_turns));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_turns.as<int>(), 0, bytes, stream));
-  } else if (store_on && s.head_dim == 128 && BackwardPath() == BwdPath::kWs) {
-    // Zeroed by the store path's prep kernel.
+  } else if (s.head_dim == 128 && BackwardPath() == BwdPath::kWs) {
+    // The D 128 ws backward's tickets (attention_bwd_store.cu), zeroed by its prep kernel.
     const size_t bytes =
         static_cast<size_t>(BwdStoreTicketCount(s.batch, s.heads, s.seq)) * sizeof(int);
     CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_tickets));

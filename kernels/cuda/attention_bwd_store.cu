@@ -1,22 +1,22 @@
-// The D 128 backward without zeroing dq_acc (opt-in: GYRE_ATTN_BWD128_STORE=1, read in
-// attention.cu at each call; attention_notes.md, "attn128b").
+// The D 128 backward main kernel (the default since session 22, attn128b: it replaced
+// attention_wgmma.cu's attn_bwd_ws_kernel<128> / attn_bwd_ws_rope_kernel<128>, whose consumers
+// added every dQ contribution into a zeroed dq_acc; H100: backward −6% plain, −4% with the fused
+// RoPE at B8 S2048 H16 D128; attention_notes.md, "attn128b") and its prep.
 //
-// The default backward (attention_wgmma.cu) runs three kernels: attention.cu's prep (D_i =
-// Σ dO·O, and zeroing the fp32 dQ accumulator dq_acc), the main kernel (dK, dV; dQ added to
-// dq_acc with bulk reductions, one per key block, query tile and column half), and the dQ
-// conversion. At B8 S2048 H16 D128 dq_acc is 134 MB: its zeroing is half of the prep's bytes
-// (~34 µs of ~67 µs on an H200), and the main kernel's first reduction into each line then has
-// to read the zeros back from DRAM.
+// The backward runs three kernels: a prep (D_i = Σ dO·O), the main kernel (dK, dV; dQ into the
+// fp32 accumulator dq_acc with bulk operations, one per key block, query tile and column half)
+// and attention.cu's dQ conversion. Before attn128b the prep also zeroed dq_acc (134 MB at B8
+// S2048 H16 D128: half the prep's bytes, ~42 µs on an H100) and every contribution was an
+// addition, whose first one per line then read the zeros back from DRAM.
 //
-// Here the first contribution to each dq_acc half-tile is a plain bulk store instead of an
+// Here the first contribution to each dq_acc half-tile is a plain bulk copy instead of an
 // addition, so nothing needs zeroing. Which contribution comes first is not known in advance
 // (key block j reaches query tile m at its iteration m − 2j, and blocks start at different
-// times), so each (query tile, column half) has a ticket counter and a "stored" flag
-// (BwdWsBody's kStore: the reducer thread takes the ticket an iteration before it needs it;
-// ticket 0 stores and later publishes the flag; the others add once the flag is set). This
-// file's prep computes D_i and zeroes only those counters: 4 ints per (batch, head, query tile),
-// 64 KB at B8 S2048 H16 instead of 134 MB.
-// In its own translation unit so that the default kernels' PTX stays the one measured
+// times), so each (query tile, column half) has a ticket counter and a "stored" flag, handled
+// by the producer's writer warps (DqStoreWriter in attention_wgmma.cuh: ticket 0 copies and
+// then sets the flag; the others add once the flag is set). This file's prep computes D_i and
+// zeroes only those counters: 4 ints per (batch, head, query tile), 64 KB at B8 S2048 H16.
+// In its own translation unit so that the other attention kernels' PTX stays the one measured
 // (attention_notes.md, attn10).
 #include "kernels/cuda/attention_wgmma.cuh"
 
@@ -62,8 +62,7 @@ template <bool kRope>
 __global__ void __launch_bounds__(kWsThreads, 1)
     attn_bwd_store_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
                           const int head_group, int* const dq_tickets) {
-  BwdWsBody<128, kRope, /*kDet=*/false, /*kStore=*/true>(p, maps, head_group, nullptr,
-                                                          dq_tickets);
+  BwdWsBody<128, kRope, /*kDet=*/false>(p, maps, head_group, nullptr, dq_tickets);
 }
 
 template <bool kRope>
