@@ -9,9 +9,12 @@
 //                                           pass (both score GEMMs only on band tiles); the
 //                                           plain D 64 forward: attention_fwd64.cu (three
 //                                           consumer warpgroups, 192-row blocks; attn64f)
-//   backward main kernel            "ws"    attention_wgmma.cu, warp-specialised (FA3 structure):
-//                                           TMA producer, mbarrier ring, dQ through shared
-//                                           memory and bulk reductions (blocked dq_acc layout)
+//   backward main kernel            "ws"    warp-specialised (FA3 structure): TMA producer,
+//                                           mbarrier ring, dQ through shared memory and bulk
+//                                           operations (blocked dq_acc layout); D 128:
+//                                           attention_bwd_store.cu (dq_acc not zeroed: the first
+//                                           contribution is a copy; with its own prep), D 64:
+//                                           attention_bwd_q128.cu
 // GYRE_ATTN_FWD / GYRE_ATTN_SE_FWD ∈ {ws, mma} and GYRE_ATTN_BWD ∈ {ws, mma} select
 // another path (tests and benchmarks run every one). The mma.sync kernels below stay as the
 // reference implementation and the fallback.
@@ -55,7 +58,8 @@
 //   (attention_wgmma.cu), so the default no longer uses this one.
 //
 // Backward: FA2 with recomputation, three launches.
-//   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator.
+//   attn_bwd_prep_kernel    Dᵢ = Σ_d dOᵢ·Oᵢ (fp32, [B, H, T]) and zeroes the fp32 dQ accumulator
+//                           (all paths but the D 128 ws one, which runs attention_bwd_store.cu's).
 //   attn_bwd_kernel<D>      grid (ceil(T/128), Hk, B), 256 threads. A block owns 128 keys of one
 //                           kv head: K, V tiles stay in shared memory, dK, dV accumulate in
 //                           registers (fp32) over every query head of the GQA group and every
@@ -1089,16 +1093,22 @@ size_t BwdDqAccBytes(BwdPath path, int64_t batch, int64_t seq, int64_t heads, in
 template <int kD>
 CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, int64_t batch,
                           int64_t kv_heads, bf16* dq, const InvRope& rope, int* dq_turns,
-                          PhaseRecorder* phases, cudaStream_t stream) {
+                          int* dq_tickets, PhaseRecorder* phases, cudaStream_t stream) {
   const int64_t rows_heads = batch * p.seq * p.heads;
   const BwdPath path = BackwardPath();
   const bool blocked = IsWsPath(path);
-  const int64_t prep_threads = rows_heads * (kD / 8);
-  attn_bwd_prep_kernel<kD>
-      <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
-          blocked ? BwdWsDqBlockCols(kD) : 0);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
+  if (dq_tickets != nullptr) {  // the D 128 ws backward: dq_acc is not zeroed
+    CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardStorePrep(
+        a.out, a.dout, const_cast<float*>(p.dvec), rows_heads, p.seq, p.heads, dq_tickets,
+        BwdStoreTicketCount(batch, p.heads, p.seq), stream));
+  } else {
+    const int64_t prep_threads = rows_heads * (kD / 8);
+    attn_bwd_prep_kernel<kD>
+        <<<static_cast<unsigned>((prep_threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+            a.out, a.dout, const_cast<float*>(p.dvec), p.dq_acc, rows_heads, p.seq, p.heads,
+            blocked ? BwdWsDqBlockCols(kD) : 0);
+    CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_prep_kernel");
+  }
   phases->Mark("prep");
   if (path == BwdPath::kWs) {
     WgmmaBwdParams w{};
@@ -1124,8 +1134,11 @@ CudaResult LaunchBackward(const BwdParams& p, const AttentionBackwardArgs& a, in
     if (dq_turns != nullptr) {
       CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaDeterministic(w, batch, kv_heads, kD,
                                                                       dq_turns, stream));
+    } else if constexpr (kD == 128) {
+      CUDA_RETURN_IF_NOT_OK(
+          LaunchAttentionBackwardWgmmaStore(w, batch, kv_heads, dq_tickets, stream));
     } else {
-      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaMain(w, batch, kv_heads, kD, stream));
+      CUDA_RETURN_IF_NOT_OK(LaunchAttentionBackwardWgmmaQ128(w, batch, kv_heads, stream));
     }
   } else {
     constexpr int smem = BwdSmemBytes<kD>();
@@ -1312,11 +1325,16 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   }
   const int64_t rows_heads = s.batch * s.seq * s.heads;
   PhaseRecorder phases("bwd", s, q_stride, kv_stride, args.rope != nullptr, deterministic, stream);
-  DeviceBuffer dq_acc, dvec, dq_turns;
+  DeviceBuffer dq_acc, dvec, dq_turns, dq_tickets;
   if (deterministic) {
     const size_t bytes = static_cast<size_t>(BwdDetTurnCount(s.batch, s.heads, s.seq)) * sizeof(int);
     CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_turns));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_turns.as<int>(), 0, bytes, stream));
+  } else if (s.head_dim == 128 && BackwardPath() == BwdPath::kWs) {
+    // The D 128 ws backward's tickets (attention_bwd_store.cu), zeroed by its prep kernel.
+    const size_t bytes =
+        static_cast<size_t>(BwdStoreTicketCount(s.batch, s.heads, s.seq)) * sizeof(int);
+    CUDA_RETURN_IF_NOT_OK(alloc->Allocate(bytes, &dq_tickets));
   }
   CUDA_RETURN_IF_NOT_OK(alloc->Allocate(
       BwdDqAccBytes(BackwardPath(), s.batch, s.seq, s.heads, s.head_dim),
@@ -1346,10 +1364,10 @@ CudaResult AttentionBackward(DeviceAllocator* alloc, const AttentionBackwardArgs
   // ordered before any later user of the block on the same stream (allocator contract).
   if (s.head_dim == 64) {
     return LaunchBackward<64>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
-                              &phases, stream);
+                              nullptr, &phases, stream);
   }
   return LaunchBackward<128>(p, args, s.batch, s.kv_heads, args.dq, rope, dq_turns.as<int>(),
-                             &phases, stream);
+                             dq_tickets.as<int>(), &phases, stream);
 }
 
 }  // namespace gyre::cuda

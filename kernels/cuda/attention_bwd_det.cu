@@ -1,6 +1,6 @@
 // Deterministic backward main kernel (opt-in: AttentionBackwardArgs::deterministic, or
 // GYRE_ATTN_DETERMINISTIC=1 as a bench / test override, read once in attention.cu):
-// attention_wgmma.cu's attn_bwd_ws_kernel with dQ added to dq_acc in a fixed order, so dq (and,
+// the default backward kernel (BwdWsBody) with dQ added to dq_acc in a fixed order, so dq (and,
 // as before, dk, dv) are bitwise reproducible run to run. The body is the default kernel's
 // (BwdWsBody in attention_wgmma.cuh, kDet = true: what differs is listed above it; same GEMMs,
 // same exponentials, the dK / dV epilogue of the fused-RoPE kernel). Here the D 128 kernel (each

@@ -1,5 +1,5 @@
 // The D 64 backward main kernel: 128-query tiles (attention_notes.md, "attn64b (session 22)").
-// The default at D 64 since session 22 (LaunchAttentionBackwardWgmmaMain calls it): 4-5% faster
+// The default at D 64 since session 22 (attention.cu calls it): 4-5% faster
 // than attn_bwd_ws_kernel<64> (64-query tiles, dQ split by keys), which was deleted
 // (H100: --bwd_only B16 S2048 H12 D64 0.900 vs 0.944 ms, llama-125m B16 step 64.18 vs 64.60 ms).
 // The deterministic backward at D 64 keeps BwdWsBody (attention_bwd_det_presum.cu).

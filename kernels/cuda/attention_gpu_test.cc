@@ -254,7 +254,10 @@ AttentionForwardArgs ForwardArgs(const Problem& p, const DeviceQkv& x, bf16* out
   return fa;
 }
 
-bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p) {
+// before_backward (optional) runs right before AttentionBackward (StaleDqAcc uses it to leave a
+// NaN-filled block on the allocator's free list).
+bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Problem& p,
+                        const std::function<void()>& before_backward = nullptr) {
   const std::string shape = ShapeName(p);
   const int64_t rows = p.batch * p.seq, H = p.heads, Hk = p.kv_heads, D = p.dim;
   DeviceQkv x;
@@ -341,6 +344,7 @@ bool RunForwardBackward(DeviceAllocator* alloc, std::mt19937_64& rng, const Prob
   ba.dk = dk;
   ba.dv = dv;
   if (p.rope > 0) ba.rope = &table;
+  if (before_backward) before_backward();
   const CudaResult br = AttentionBackward(alloc, ba, nullptr);
   CUDA_CHECK_OR_DIE(cudaDeviceSynchronize());
   if (!br.ok()) {
@@ -793,6 +797,35 @@ TEST(AttentionGpuTest, ForwardBitwiseRepeatable) {
     if (!ok) ++failures;
   }
   cudaStreamDestroy(stream);
+  EXPECT_EQ(failures, 0);
+}
+
+// The D 128 backward (attention_bwd_store.cu) does not zero dq_acc: the first contribution to
+// each dq_acc half-tile must overwrite what the block held. Right before each backward a
+// NaN-filled (0xFF bytes) block of dq_acc's exact size is freed, so the backward's dq_acc (the
+// allocator's LIFO free list of that class) is that block: a half-tile that were added to
+// instead of copied, or copied after an addition, comes out NaN or wrong. Odd T, GQA, fused
+// strides, the fused RoPE, and T 2048 (16 key blocks, many visitors per tile). (Under
+// GYRE_ATTN_DETERMINISTIC=1 or GYRE_ATTN_BWD=mma, whose preps zero dq_acc, it passes too.)
+TEST(AttentionGpuTest, StaleDqAccMatchFloat64Reference) {
+  std::mt19937_64 rng(17);
+  DeviceAllocator alloc;
+  int failures = 0, checks = 0;
+  for (const Problem& p : {Problem{2, 1000, 8, 2, 128, false}, Problem{2, 257, 8, 2, 128, true},
+                           Problem{1, 300, 4, 4, 128, false, 0, 0, 64},
+                           Problem{1, 700, 4, 2, 128, false, 0, 0, 128},
+                           Problem{1, 2048, 4, 2, 128, false}, Problem{1, 65, 2, 1, 128, false}}) {
+    const size_t dq_acc_floats =
+        static_cast<size_t>(p.batch * ((p.seq + 63) / 64 * 64) * p.heads * p.dim);
+    auto stale = [&]() {
+      DeviceArray<float> block(&alloc, dq_acc_floats);
+      block.Poison();
+    };
+    ++checks;
+    if (!RunForwardBackward(&alloc, rng, p, stale)) ++failures;
+  }
+  std::printf("attention_gpu_test stale dq_acc: %d of %d problems passed\n", checks - failures,
+              checks);
   EXPECT_EQ(failures, 0);
 }
 

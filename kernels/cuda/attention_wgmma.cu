@@ -1,12 +1,14 @@
 // Causal attention on Hopper tensor cores (wgmma, sm_90a), selected by attention.cu (see the
-// kernel-choice table there). API and math: attention.h. Two kernels, both FlashAttention-3
+// kernel-choice table there). API and math: attention.h. The forward kernel, FlashAttention-3
 // structured (a TMA producer warpgroup, mbarrier rings, two consumer warpgroups):
 //   attn_fwd_ws_kernel      forward, plain and SelfExtend (described above it); the plain
 //                           D 64 forward is attention_fwd64.cu's (three consumer warpgroups,
 //                           0.91-0.93x this kernel's time at D 64, H100: attention_notes.md,
 //                           attn64f), so D 64 instantiates only the SelfExtend form here
-//   attn_bwd_ws_kernel      backward main kernel (described in attention_wgmma.cuh, with its
-//                           body, shared with attention_bwd_det.cu's deterministic kernel)
+// The backward main kernels are elsewhere: D 128 attention_bwd_store.cu (body and prose in
+// attention_wgmma.cuh; attn_bwd_ws_kernel<128>, which lived here and added every dQ
+// contribution into a zeroed dq_acc, was replaced in session 22, attn128b), D 64
+// attention_bwd_q128.cu, the deterministic ones attention_bwd_det{,_presum}.cu.
 // Measured on an H100 (bench/RESULTS.md, sessions 5-6, attn5 / attn6): forward 490-630 TFLOP/s
 // at D 128 (SDPA cuDNN 450-600); whole backward incl. prep and dQ conversion 360 / 450 TFLOP/s
 // at B8 S2048 / B2 S8192 D128; SelfExtend forward 1.02-1.05x the plain one.
@@ -474,46 +476,6 @@ CudaResult LaunchWs(const WgmmaFwdParams& p, int64_t batch, cudaStream_t stream)
   return {};
 }
 
-template <int kD>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    attn_bwd_ws_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
-                       const int head_group) {
-  BwdWsBody<kD, /*kRope=*/false>(p, maps, head_group);
-}
-
-// With the fused RoPE (WgmmaBwdParams::rope_half > 0): the dK epilogue's table values from
-// registers loaded before the last wait.
-template <int kD>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    attn_bwd_ws_rope_kernel(const WgmmaBwdParams p, const __grid_constant__ BwdTmaMaps maps,
-                            const int head_group) {
-  BwdWsBody<kD, /*kRope=*/true>(p, maps, head_group);
-}
-
-// The RoPE kernels' launches, at the end of this file. With them in this translation unit nvcc
-// ordered one address expression of attn_bwd_ws_kernel<64> (deleted in session 22: D 64 runs
-// attention_bwd_q128.cu) differently: one more add.s32 per tile in its PTX; any second kernel
-// here does that, even a verbatim copy of it (attention_notes.md, attn10). The other kernels'
-// PTX is unchanged.
-CudaResult LaunchBwdWsRopeRegs(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
-                               dim3 grid, int head_group, cudaStream_t stream);
-
-template <int kD>
-CudaResult LaunchBwdWs(const WgmmaBwdParams& p, int64_t batch, int64_t kv_heads,
-                       cudaStream_t stream) {
-  BwdTmaMaps maps{};
-  CUDA_RETURN_IF_NOT_OK(EncodeBwdMaps(p, batch, kv_heads, kD, &maps));
-  const dim3 grid = BwdGrid(p, batch, kv_heads);
-  const int head_group = BwdHeadGroup(p, batch, kv_heads, kD);
-  if (p.rope_half > 0) return LaunchBwdWsRopeRegs(p, maps, kD, grid, head_group, stream);
-  constexpr int smem = BwdWsLayout<kD>::kBytes;
-  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(attn_bwd_ws_kernel<kD>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  attn_bwd_ws_kernel<kD><<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_kernel");
-  return {};
-}
-
 }  // namespace
 
 CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, int head_dim,
@@ -525,35 +487,5 @@ CudaResult LaunchAttentionForwardWgmma(const WgmmaFwdParams& p, int64_t batch, i
   return self_extend ? LaunchWs<128, true>(p, batch, stream)
                      : LaunchWs<128, false>(p, batch, stream);
 }
-
-// D 64: attention_bwd_q128.cu's kernel with 128-query tiles (attention_notes.md, attn64b: 4-5%
-// faster than attn_bwd_ws_kernel<64>, which was deleted).
-CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
-                                            int64_t kv_heads, int head_dim, cudaStream_t stream) {
-  return head_dim == 64 ? LaunchAttentionBackwardWgmmaQ128(p, batch, kv_heads, stream)
-                        : LaunchBwdWs<128>(p, batch, kv_heads, stream);
-}
-
-namespace {
-
-template <int kD>
-CudaResult LaunchBwdWsRope(const WgmmaBwdParams& p, const BwdTmaMaps& maps, dim3 grid,
-                           int head_group, cudaStream_t stream) {
-  constexpr int smem = BwdWsLayout<kD>::kBytes;
-  auto* kernel = attn_bwd_ws_rope_kernel<kD>;
-  CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<grid, kWsThreads, smem, stream>>>(p, maps, head_group);
-  CUDA_RETURN_IF_LAUNCH_ERROR("attn_bwd_ws_rope_kernel");
-  return {};
-}
-
-CudaResult LaunchBwdWsRopeRegs(const WgmmaBwdParams& p, const BwdTmaMaps& maps, int head_dim,
-                               dim3 grid, int head_group, cudaStream_t stream) {
-  (void)head_dim;  // 128: D 64 runs attention_bwd_q128.cu
-  return LaunchBwdWsRope<128>(p, maps, grid, head_group, stream);
-}
-
-}  // namespace
 
 }  // namespace gyre::cuda

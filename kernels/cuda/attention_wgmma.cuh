@@ -136,16 +136,17 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
 }
 
 // ------------------------------------------------------------------------------------------
-// Backward main kernel, FlashAttention-3 structure: attn_bwd_ws_kernel<D>, grid
+// Backward main kernel, FlashAttention-3 structure (BwdWsBody below: attention_bwd_store.cu's
+// attn_bwd_store_kernel, the default at D 128, and the deterministic kernels), grid
 // (ceil(T/128), Hk, B) in GroupedBlockOrder, 384 threads = a producer warpgroup and two
 // consumer warpgroups, one block per SM. A block owns 128 keys of one kv head (K, V resident in shared memory); consumer
 // warpgroup c owns keys 64c..64c+63 and accumulates their dK, dV in registers (fp32) over every
 // query head of the GQA group and every 64-row query tile at or below the diagonal.
-//   Producer (24 registers after setmaxnreg; consumers 240): K, V once, then per query tile
-//     Q, dO (TMA, issued by one thread) and lse, D_i (fp32 rows, one 4-byte cp.async per
-//     thread) into a 3-deep ring (kBwdStages; 2 stages measured 1-4% slower); a stage's `full`
-//     mbarrier completes when the TMA bytes and the 128 cp.async arrivals (.noinc, no wait)
-//     are in; it is reused after both consumer warpgroups arrived on its `empty` mbarrier. No
+//   Producer (24 registers after setmaxnreg; consumers 240): warps 0-1: K, V once, then per
+//     query tile Q, dO (TMA, issued by one thread) and lse, D_i (fp32 rows, one lse and one D
+//     4-byte cp.async per thread) into a 3-deep ring (kBwdStages; 2 stages measured 1-4%
+//     slower); a stage's `full` mbarrier completes when the TMA bytes and the 64 cp.async
+//     arrivals (.noinc, no wait) are in; warps 2-3: the dQ writers (below); it is reused after both consumer warpgroups arrived on its `empty` mbarrier. No
 //     block-wide barrier. (TMA vs the earlier cp.async producer with a wait per stage: 0.95 vs
 //     0.99 ms at B8 S2048 D128, 3.00 vs 3.16 at B2 S8192, equal at D 64; H100, attn5.)
 //   Consumer, per query tile (all GEMMs wgmma; S and dP in separate commit groups so the
@@ -165,12 +166,16 @@ CudaResult EncodeRowsMap(CUtensorMap* map, const bf16* base, int head_dim, int h
 //         kernel with dQ(it) in iteration it (RESULTS.md, attn4);
 //       key split (D 64): warpgroup c computes its partial dQ = dS_c K_c over its
 //         own 64 keys (m64nD); the two warpgroups never wait for each other.
-//     dQ tile (fp32) -> this warpgroup's shared-memory staging tile -> one bulk reduction
-//       (cp.reduce.async.bulk .add.f32, issued by one thread) into dq_acc. dq_acc is blocked
-//       for that: [B, H, ceil(T/64), parts, 64 rows, W] with W = D/2 (column split) or D, and
-//       column c of row r stored at c ^ 8·(r % 4) (conflict-free fp32 fragment stores);
+//     dQ tile (fp32) -> this warpgroup's shared-memory staging tile -> `dq_full` mbarrier ->
+//       its writer (lane 0 of producer warp 2 + c) issues one bulk operation into dq_acc: a copy
+//       for the tile's first contribution, else a reduction (cp.reduce.async.bulk .add.f32;
+//       DqStoreWriter; the deterministic kernels: DqWriter, in a fixed order). dq_acc is
+//       blocked for that: [B, H, ceil(T/64), parts, 64 rows, W] with W = D/2 (column split) or
+//       D, and column c of row r stored at c ^ 8·(r % 4) (conflict-free fp32 fragment stores);
 //       attention.cu's conversion kernel reads it back (BwdDqAccIndex).
-// The prep (D_i) and dQ conversion kernels, and zeroing dq_acc, are attention.cu's.
+// The prep (D_i; for the deterministic kernels also zeroing dq_acc: attention.cu's; for the
+// default attention_bwd_store.cu's, which zeroes only the tickets) and the dQ conversion
+// (attention.cu) are separate kernels.
 
 
 __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
@@ -178,6 +183,14 @@ __device__ __forceinline__ void BulkReduceAddF32(float* gdst, uint32_t ssrc, uin
       "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
       "r"(ssrc), "r"(bytes)
       : "memory");
+  BulkCommit();
+}
+// The first contribution to a dq_acc half-tile in the default D 128 backward (DqStoreWriter): a
+// plain bulk copy of the staging tile (no addition), so that dq_acc need not be zeroed first.
+__device__ __forceinline__ void BulkStoreF32(float* gdst, uint32_t ssrc, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gdst),
+               "r"(ssrc), "r"(bytes)
+               : "memory");
   BulkCommit();
 }
 constexpr int kBwdStages = 3;  // Q / dO ring depth (2 measured 1-4% slower, RESULTS.md attn4)
@@ -310,6 +323,9 @@ __device__ __forceinline__ int LdRelaxedGpu(const int* ptr) {
 __device__ __forceinline__ void RedReleaseGpuAddOne(int* ptr) {
   asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(ptr) : "memory");
 }
+__device__ __forceinline__ void StReleaseGpuOne(int* ptr) {
+  asm volatile("st.release.gpu.global.b32 [%0], 1;\n" ::"l"(ptr) : "memory");
+}
 __device__ __forceinline__ void FenceAcqRelGpu() {
   asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
 }
@@ -385,10 +401,74 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
   }
 }
 
-// The kernel body, shared by attn_bwd_ws_kernel (without the fused RoPE), attn_bwd_ws_rope_kernel
-// (kRope) — both at D 128 only since session 22 (D 64: attention_bwd_q128.cu's 128-query
-// tiles; its key-split form below now serves the deterministic D 64 kernel) — and the
-// deterministic kernels, attention_bwd_det.cu's attn_bwd_det_kernel<128> and
+// The dQ writer of consumer warpgroup c in the default D 128 backward (BwdWsBody without kDet;
+// producer warp 2 + c, lane 0 issues): the DqWriter handoff (staging tile -> dq_full[c][0] -> bulk operation ->
+// named barrier kDqEmptyBar + c) with a ticket instead of a turn. tickets: per (batch, head,
+// 64-row query tile, column half) {ticket, stored flag}, zeroed by the store path's prep. For
+// each query tile the writer first takes its ticket (atomicAdd) and reads the flag, both while
+// its consumers still compute the tile; ticket 0 (the first writer there, whoever it is) copies
+// the half-tile into dq_acc (cp.async.bulk, no addition), waits for the copy's completion and
+// sets the flag (st.release); any other ticket adds (cp.reduce.async.bulk .add) once the flag
+// is set (polled only if it was still 0). Deadlock-free: a writer only ever waits for the flag
+// of a tile whose ticket 0 is held by a running block, and that block's progress to the flag
+// depends only on tiles earlier in the (head, query tile) order.
+template <int kD>
+__device__ __forceinline__ void DqStoreWriter(const WgmmaBwdParams& p, int* tickets, int c, int hk,
+                                              int b, int m_first, int m_tiles, int total,
+                                              uint32_t stage_base, uint32_t full) {
+  using L = BwdWsLayout<kD, true>;
+  static_assert(!L::kKeySplit && L::kDqStages == 1, "column split, one staging tile");
+  constexpr int kTileFloats = kD / L::kDqN * 64 * L::kDqN;
+  const bool lane0 = (threadIdx.x & 31) == 0;
+  int tile = ((b * p.heads + hk * p.group) * m_tiles + m_first);  // < 2^31
+  const uint32_t stage_c = stage_base + c * L::kDqBytes;
+  const uint32_t full_c = full + 8 * c * L::kDqStages;
+  const int bar_c = L::kDqEmptyBar + c;
+  int m_tile = m_first;
+  for (int n = 0; n < total; ++n) {
+    bool first = false;
+    if (lane0) {
+      int* tk = tickets + 4 * static_cast<int64_t>(tile) + 2 * c;
+      const int ticket = atomicAdd(tk, 1);
+      int flag = LdRelaxedGpu(tk + 1);
+      first = ticket == 0;
+      MbWait(full_c, n & 1);
+      float* dst = p.dq_acc + static_cast<int64_t>(tile) * kTileFloats + c * 64 * L::kDqN;
+      if (first) {
+        BulkStoreF32(dst, stage_c, L::kDqBytes);
+      } else {
+        if (flag == 0) {
+          const uint64_t t0 = GlobalTimerNs();
+          while ((flag = LdRelaxedGpu(tk + 1)) == 0) {
+            if (GlobalTimerNs() - t0 > kTurnTimeoutNs) __trap();
+          }
+        }
+        FenceAcqRelGpu();  // the first writer's copy happens before this addition
+        FenceProxyAsyncGlobal();
+        BulkReduceAddF32(dst, stage_c, L::kDqBytes);
+      }
+      BulkWaitRead<0>();
+    }
+    __syncwarp();
+    // The consumer syncs on this before it writes its staging tile again.
+    if (n + 1 < total) NamedBarArrive(bar_c, 160);
+    if (lane0 && first) {
+      BulkWait<0>();  // the copy has been performed
+      FenceProxyAsyncGlobal();
+      StReleaseGpuOne(tickets + 4 * static_cast<int64_t>(tile) + 2 * c + 1);
+    }
+    ++tile;
+    if (++m_tile == m_tiles) {  // next query head of the group: (h, m_tiles) -> (h + 1, m_first)
+      m_tile = m_first;
+      tile += m_first;
+    }
+  }
+  if (lane0) BulkWait<0>();
+}
+
+// The kernel body, shared by attention_bwd_store.cu's attn_bwd_store_kernel<kRope> (the default
+// at D 128; D 64: attention_bwd_q128.cu's 128-query tiles; the key-split form below serves the
+// deterministic D 64 kernel) and the deterministic kernels, attention_bwd_det.cu's attn_bwd_det_kernel<128> and
 // attention_bwd_det_presum.cu's attn_bwd_det_presum_kernel (D 64) (kDet, kRope, with or without
 // the RoPE; dq_turns: their turn counters).
 // kDet, the deterministic backward, differs only in how dQ reaches dq_acc:
@@ -405,11 +485,18 @@ __device__ __forceinline__ void DqWriter(const WgmmaBwdParams& p, int* turns, in
 //     first), so a block waits only for blocks launched before it (FlashAttention-3's
 //     deterministic backward makes the same choice); this assumes blocks are dispatched in
 //     launch order, as FA3 does. A writer that waits 20 s traps (a bug, not a wait).
-template <int kD, bool kRope, bool kDet = false>
+// Without kDet (the default D 128 backward, attention_bwd_store.cu's kernels since session 22,
+// attn128b; dq_tickets) the handoff is the same, without the order: the writers are
+// DqStoreWriter (the first contribution to each dq_acc half-tile is a copy, so dq_acc is not
+// zeroed) and the block order is longest first. (Until attn128b the default kernel's consumers
+// issued their bulk reductions themselves, into a zeroed dq_acc: attention_notes.md.)
+template <int kD, bool kRope, bool kDet>
 __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
-                                          const int head_group, int* const dq_turns = nullptr) {
+                                          const int head_group, int* const dq_turns = nullptr,
+                                          int* const dq_tickets = nullptr) {
   static_assert(!kDet || kRope, "the deterministic kernel has one epilogue");
-  using L = BwdWsLayout<kD, kDet>;
+  static_assert(kDet || kD == 128, "the default D 64 backward is attention_bwd_q128.cu's");
+  using L = BwdWsLayout<kD, true>;
   // The deterministic form at D 64: partial dQ tiles summed in shared memory before the order.
   constexpr bool kPresum = kDet && L::kKeySplit;
   // Key split only at D 64: at D 128 it would hold 64 more dQ accumulators per thread (ptxas:
@@ -444,15 +531,13 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
   const int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
   if (tid == 0) {
     for (int s = 0; s < kBwdStages; ++s) {
-      MbInit(full_bar(s), kDet ? 64 : 128);  // kDet: warps 0-1 of the producer copy lse / D
+      MbInit(full_bar(s), 64);  // warps 0-1 of the producer copy lse / D
       MbInit(empty_bar(s), 256);
     }
     for (int i = 0; i < 2; ++i) {
       MbInit(ds_full(i), 256);
       MbInit(ds_empty(i), 256);
-      if constexpr (kDet) {
-        for (int t = 0; t < L::kDqStages; ++t) MbInit(dq_full(i, t), 128);
-      }
+      for (int t = 0; t < L::kDqStages; ++t) MbInit(dq_full(i, t), 128);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -481,6 +566,14 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     // consumers' setmaxnreg.inc can only take what the producer gives back, so 128 · 24 +
     // 256 · 240 <= 384 · 168 (otherwise setmaxnreg.inc waits forever).
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if constexpr (!kDet) {
+      const int pwarp = wtid / 32;
+      if (pwarp >= 2) {
+        DqStoreWriter<kD>(p, dq_tickets, pwarp - 2, hk, b, m_first, m_tiles, total,
+                          base + L::kDQ, base + L::kBars + 8 * (2 * kBwdStages + 4));
+        return;
+      }
+    }
     if constexpr (kDet) {
       const int pwarp = wtid / 32;
       if (pwarp >= 2) {
@@ -517,25 +610,15 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
         tile(base + L::kQ + s * L::kQBytes, &maps.q, full_bar(s), h, m0, kBM);
         tile(base + L::kDO + s * L::kQBytes, &maps.dout, full_bar(s), h, m0, kBM);
       }
-      if constexpr (kDet) {
-        const int r = wtid;  // < 64
-        const bool valid = m0 + r < seq;
-        const int64_t off = (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                         base + L::kStats + s * 512 + r * 4),
-                     "l"(p.lse + off), "r"(valid ? 4 : 0));
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                         base + L::kStats + s * 512 + 256 + r * 4),
-                     "l"(p.dvec + off), "r"(valid ? 4 : 0));
-      } else {
-        const int which = wtid / 64, r = wtid % 64;
-        const bool valid = m0 + r < seq;
-        const float* src = (which == 0 ? p.lse : p.dvec) +
-                           (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                         base + L::kStats + s * 512 + wtid * 4),
-                     "l"(src), "r"(valid ? 4 : 0));
-      }
+      const int r = wtid;  // < 64
+      const bool valid = m0 + r < seq;
+      const int64_t off = (static_cast<int64_t>(b) * p.heads + h) * seq + (valid ? m0 + r : 0);
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                       base + L::kStats + s * 512 + r * 4),
+                   "l"(p.lse + off), "r"(valid ? 4 : 0));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                       base + L::kStats + s * 512 + 256 + r * 4),
+                   "l"(p.dvec + off), "r"(valid ? 4 : 0));
       CpAsyncMbarArrive(full_bar(s));
     }
     return;
@@ -547,10 +630,6 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
   const int warp_in_wg = wtid / 32, lane = tid % 32, g = lane / 4, tq = lane % 4;
   const int kw0 = n0 + 64 * cwg;                  // this warpgroup's first key
   const int key_lo = kw0 + 16 * warp_in_wg + g;   // thread keys key_lo, key_lo + 8
-  const uint32_t sDQ = base + L::kDQ + cwg * L::kDqBytes;
-  unsigned char* dq_stage = base_ptr + L::kDQ + cwg * L::kDqBytes;
-  const int m_tiles_all = m_tiles;
-  const bool reducer = wtid == 0;
 
   float dk[kD / 2], dv[kD / 2];
 #pragma unroll
@@ -605,15 +684,9 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
         MbArrive(dq_full(0, t));
       }
     } else {
-      unsigned char* stage = dq_stage;
-      if constexpr (kDet) {
-        const int t = n % L::kDqStages;
-        if (n >= L::kDqStages) NamedBarrierSync(L::kDqEmptyBar + cwg * L::kDqStages + t, 160);
-        stage = base_ptr + (dq_stage_addr(cwg, t) - base);
-      } else {
-        if (reducer) BulkWaitRead<0>();  // the previous tile's reduction has read the staging tile
-        NamedBarrierSync(3 + cwg, 128);
-      }
+      const int t = n % L::kDqStages;
+      if (n >= L::kDqStages) NamedBarrierSync(L::kDqEmptyBar + cwg * L::kDqStages + t, 160);
+      unsigned char* stage = base_ptr + (dq_stage_addr(cwg, t) - base);
 #pragma unroll
       for (int c = 0; c < kDqN / 8; ++c)
 #pragma unroll
@@ -624,19 +697,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
               make_float2(dq[4 * c + 2 * hr], dq[4 * c + 2 * hr + 1]);
         }
       FenceProxyAsync();
-      if constexpr (kDet) {
-        MbArrive(dq_full(cwg, n % L::kDqStages));
-      } else {
-        NamedBarrierSync(3 + cwg, 128);
-        if (reducer) {
-          constexpr int kParts = kD / kDqN;
-          const int part = kKeySplit ? 0 : cwg;
-          float* dst = p.dq_acc +
-                       (((static_cast<int64_t>(b) * p.heads + h) * m_tiles_all + m_tile) * kParts +
-                        part) * (64 * kDqN);
-          BulkReduceAddF32(dst, sDQ, L::kDqBytes);
-        }
-      }
+      MbArrive(dq_full(cwg, t));
     }
   };
 
@@ -837,12 +898,11 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
   }
   if constexpr (kRope) {
     // The dK epilogue's fused inverse RoPE. This thread's table values (2 keys x R/16 pairs x
-    // cos, sin float2: 32 registers at D 64, 64 at D 128, with only dK, dV live), loaded before
-    // the reducer's wait so that the two overlap instead of adding up on the block's exit path
-    // (the session-8 H100 call: backward at B8 S2048 H12 D64 491.4 -> 486.6 us, llama-125m step
-    // 64.30 -> 64.03 ms against loads after the wait, a form since deleted). kDet: with no RoPE,
-    // pairs = 0 and nothing is loaded; no consumer thread issues bulk operations (the writers
-    // wait for theirs).
+    // cos, sin float2: 32 registers at D 64, 64 at D 128, with only dK, dV live). They were
+    // loaded before the consumer's last bulk wait when consumers issued their own dQ
+    // reductions (the session-8 H100 call: −1% against loads after that wait); since attn128b
+    // no consumer thread issues bulk operations (the writers wait for theirs). With no RoPE,
+    // pairs = 0 and nothing is loaded.
     float2 rcs[2][kD / 16], rsn[2][kD / 16];
     const int pairs = p.rope_half / 8;
 #pragma unroll
@@ -860,9 +920,6 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
         }
       }
     }
-    if constexpr (!kDet) {
-      if (reducer) BulkWait<0>();
-    }
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
 #pragma unroll
@@ -872,7 +929,6 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
       }
     }
   } else {
-    if (reducer) BulkWait<0>();
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
   }

@@ -70,14 +70,14 @@ __host__ __device__ inline int64_t BwdWsDqAccIndex(int64_t b, int64_t h, int64_t
          ((d % block_cols) ^ static_cast<int>(8 * (r % 4)));
 }
 
-// attn_bwd_ws_kernel<128> (producer warpgroup, mbarrier ring; dQ columns split between the
-// consumer warpgroups) at D 128, attn_bwd_q128_kernel (dQ rows split) at D 64. dq_acc must be in the blocked layout above, zeroed
-// (rows past T may hold anything: they are added to, never read).
-CudaResult LaunchAttentionBackwardWgmmaMain(const WgmmaBwdParams& p, int64_t batch,
-                                            int64_t kv_heads, int head_dim, cudaStream_t stream);
+// The backward main kernels (attention.cu picks): D 128 LaunchAttentionBackwardWgmmaStore, D 64
+// LaunchAttentionBackwardWgmmaQ128, the deterministic backward
+// LaunchAttentionBackwardWgmmaDeterministic. dq_acc is in the blocked layout above (rows past T
+// may hold anything: never read); the D 64 and the deterministic kernels add into a zeroed one
+// (attention.cu's prep zeroes it), the D 128 one needs no zeroing.
 
-// Deterministic variant (attention_bwd_det.cu; GYRE_ATTN_DETERMINISTIC=1): the same main kernel
-// with dQ added in a fixed order per query tile. dq_turns: BwdDetTurnCount ints, zeroed on
+// Deterministic variant (attention_bwd_det.cu; GYRE_ATTN_DETERMINISTIC=1): BwdWsBody with dQ
+// added in a fixed order per query tile. dq_turns: BwdDetTurnCount ints, zeroed on
 // `stream` before the launch (2 per query tile: one per column half at D 128, slot 0 at D 64).
 inline int64_t BwdDetTurnCount(int64_t batch, int64_t heads, int64_t seq) {
   return batch * heads * ((seq + 63) / 64) * 2;
@@ -91,8 +91,23 @@ CudaResult LaunchAttentionBackwardWgmmaDetPresum(const WgmmaBwdParams& p, int64_
                                                  int64_t kv_heads, int* dq_turns,
                                                  cudaStream_t stream);
 
-// The D 64 main kernel (called by the above at head_dim 64): 128-query tiles
-// (attention_bwd_q128.cu); same params, dq_acc layout and prep / conversion as at D 128.
+// The D 128 backward (attention_bwd_store.cu; the default since session 22, attn128b): dq_acc is
+// never zeroed, the first contribution to each dq_acc half-tile is a bulk copy, picked by
+// per-tile tickets. dq_tickets: BwdStoreTicketCount ints, zeroed by the prep below,
+// which replaces attention.cu's prep (D_i only; dq_acc is left as it is).
+inline int64_t BwdStoreTicketCount(int64_t batch, int64_t heads, int64_t seq) {
+  return batch * heads * ((seq + 63) / 64) * 4;  // 2 column halves x {ticket, stored flag}
+}
+CudaResult LaunchAttentionBackwardStorePrep(const __nv_bfloat16* out, const __nv_bfloat16* dout,
+                                            float* dvec, int64_t rows_heads, int seq, int heads,
+                                            int* dq_tickets, int64_t ticket_ints,
+                                            cudaStream_t stream);
+CudaResult LaunchAttentionBackwardWgmmaStore(const WgmmaBwdParams& p, int64_t batch,
+                                             int64_t kv_heads, int* dq_tickets,
+                                             cudaStream_t stream);
+
+// The D 64 main kernel: 128-query tiles (attention_bwd_q128.cu); same params and dq_acc layout
+// as at D 128, attention.cu's prep (zeroing dq_acc) and conversion.
 CudaResult LaunchAttentionBackwardWgmmaQ128(const WgmmaBwdParams& p, int64_t batch,
                                             int64_t kv_heads, cudaStream_t stream);
 
