@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "ops/cuda_backend.h"
-#include "ops/debug_hash.h"
 #include "ops/cuda_infer.h"
 #include "ops/gemm.h"
 #include "ops/parallel.h"
@@ -687,9 +686,6 @@ Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
                                 v_proj_.Forward(x).Reshape({rows, kvd})});
   }
   Tensor& qkv = saved_.qkv;
-  static int64_t debug_calls = 0;  // measurement only (ops/debug_hash.h): layer 0 of the first step
-  const bool debug = DebugForwardHashOn() && debug_calls++ == 0;
-  if (debug) DebugForwardHash("l0.qkv", 0, qkv);
   char* base = static_cast<char*>(qkv.raw());
   CudaBackend& cuda = Cuda();
   // RoPE: k by a separate pass in place (every query block reads every earlier key tile), q
@@ -713,13 +709,7 @@ Tensor SelfAttention::ForwardCuda(const Tensor& x, int64_t batch, int64_t seq) {
   a.out = saved_.out.raw();
   a.lse = saved_.lse.data<float>();
   if (rope_in_fwd_) a.rope_theta = o.rope_theta;
-  if (debug) DebugForwardHash("l0.qkv_rope_k", 0, qkv);
   cuda.AttentionForward(a);
-  if (debug) {
-    DebugForwardHash("l0.qkv_rope_q", 0, qkv);
-    DebugForwardHash("l0.attn_out", 0, saved_.out);
-    DebugForwardHash("l0.lse", 0, saved_.lse);
-  }
   Shape shape = x.shape();
   shape.back() = qd;
   return o_proj_.Forward(saved_.out.Reshape(shape));

@@ -3,7 +3,6 @@
 #include <cmath>
 
 #include "ops/cuda_infer.h"
-#include "ops/debug_hash.h"
 #include "ops/recurrent_blocks.h"
 
 namespace gyre::ops {
@@ -33,19 +32,6 @@ LlamaBlock::LlamaBlock(const BuildContext& ctx, const ModelSpec& spec, int64_t n
 }
 
 Tensor LlamaBlock::Forward(const Tensor& x, int64_t batch, int64_t seq) {
-  if (IsCuda(x) && DebugForwardHashOn()) {  // measurement only (ops/debug_hash.h): the same ops, hashed
-    static int64_t calls = 0;
-    const int64_t call = calls++;
-    Tensor h;
-    Tensor xn = attn_norm_.Forward(x);
-    if (call == 0) DebugForwardHash("l0.attn_norm", call, xn);
-    Tensor a = attn_.Forward(xn, batch, seq);
-    if (call == 0) DebugForwardHash("l0.attn_o_proj", call, a);
-    Tensor y = mlp_norm_.ForwardAdd(a, x, &h);
-    if (call == 0) DebugForwardHash("l0.h", call, h);
-    if (call == 0) DebugForwardHash("l0.mlp_norm", call, y);
-    return mlp_.ForwardAdd(y, h);
-  }
   if (IsCuda(x)) {
     // h = x + attn(...) is written by the MLP norm's fused residual kernel; h + mlp(...) by the
     // down projection's GEMM (beta = 1 on h).

@@ -8,7 +8,6 @@
 #include "base/status_macros.h"
 #include "ops/cuda_backend.h"
 #include "ops/cuda_infer.h"
-#include "ops/debug_hash.h"
 #include "ops/llama_block.h"
 #include "ops/recompute_budget.h"
 
@@ -208,12 +207,7 @@ Tensor LanguageModel::TrunkForward(std::span<const int32_t> tokens, int64_t batc
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t t = 0; t < seq; ++t) inputs[b * seq + t] = tokens[b * (seq + 1) + t];
   Tensor x = embedding_->Forward(inputs).Reshape({batch, seq, spec_.d_model});
-  DebugForwardHash("embed", 0, x);
-  int64_t layer = 0;
-  for (auto& block : trunk_) {
-    x = block->Forward(x, batch, seq);
-    DebugForwardHash("block", layer++, x);
-  }
+  for (auto& block : trunk_) x = block->Forward(x, batch, seq);
   return x;
 }
 
@@ -271,9 +265,7 @@ void LanguageModel::ForwardBackwardDeferred(std::span<const int32_t> tokens, int
   Tensor dz;  // the first head's gradient initialises it (no zero fill + add)
   for (int k = 0; k < n; ++k) {
     Tensor h = heads_[k]->Forward(z, batch, seq);
-    DebugForwardHash("head_block", k, h);
     Tensor hn = final_norm_->Forward(h);
-    DebugForwardHash("final_norm", k, hn);
     std::vector<int32_t> targets = HeadTargets(tokens, batch, seq, k);
     Tensor dhn;
     if (k == 0) ready("", {});

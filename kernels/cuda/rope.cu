@@ -14,8 +14,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
@@ -158,15 +156,9 @@ CudaResult BuildRopeTable(int64_t max_positions, int64_t head_dim, double theta,
   // legacy stream, then that stream synchronised (one table per head size and theta per process).
   // Helper det22 (session 22) suspected this for llama-1.3b's moving first-step loss; the old copy
   // never lost the race in its test (H100, driver 580.159.04), so this is hardening, not that fix.
-  const char* upload = std::getenv("GYRE_ROPE_TABLE_UPLOAD");  // measurement only (det22's A/B)
-  if (upload != nullptr && std::string(upload) == "legacy") {
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(out->cos_sin.get(), host.data(), sizeof(float) * host.size(),
-                                    cudaMemcpyHostToDevice));
-  } else {
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->cos_sin.get(), host.data(), sizeof(float) * host.size(),
-                                         cudaMemcpyHostToDevice, cudaStreamLegacy));
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cudaStreamLegacy));
-  }
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out->cos_sin.get(), host.data(), sizeof(float) * host.size(),
+                                       cudaMemcpyHostToDevice, cudaStreamLegacy));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cudaStreamLegacy));
   out->max_positions = max_positions;
   out->head_dim = head_dim;
   return {};
