@@ -343,52 +343,9 @@ __device__ __forceinline__ void BwdQ128Body(const WgmmaBwdParams& p, const BwdTm
     FenceRegs(dq);
     reduce_dq(dq, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
-  if constexpr (kRope) {
-    // The dK epilogue's fused inverse RoPE, as in BwdWsBody: the table values loaded before the
-    // reducer's last wait.
-    float2 rcs[2][kD / 16], rsn[2][kD / 16];
-    const int pairs = p.rope_half / 8;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int64_t row = static_cast<int64_t>(key_lo + 8 * hr < seq ? key_lo + 8 * hr : 0);
-      const float* cp = p.rope_cos + row * p.rope_half + 2 * tq;
-      const float* sp = p.rope_sin + row * p.rope_half + 2 * tq;
-#pragma unroll
-      for (int c = 0; c < kD / 16; ++c) {
-        if (c < pairs) {
-          rcs[hr][c] = __ldg(reinterpret_cast<const float2*>(cp + 8 * c));
-          rsn[hr][c] = __ldg(reinterpret_cast<const float2*>(sp + 8 * c));
-        } else {
-          rcs[hr][c] = rsn[hr][c] = make_float2(0.f, 0.f);
-        }
-      }
-    }
+  StoreDkDv<kD, kRope>(p, dk, dv, key_lo, seq, row_base, hk, tq, [&] {
     if (reducer) BulkWait<0>();
-#pragma unroll
-    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      if (key_lo + 8 * hr < seq) InverseRopeDispatch<kD>(pairs, dk, hr, rcs[hr], rsn[hr]);
-    }
-  } else {
-    if (reducer) BulkWait<0>();
-#pragma unroll
-    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
-  }
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int key = key_lo + 8 * hr;
-    if (key >= seq) continue;
-    bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
-    bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
-#pragma unroll
-    for (int c = 0; c < kD / 8; ++c) {
-      *reinterpret_cast<uint32_t*>(dkr + 8 * c) =
-          PackBf16(dk[4 * c + 2 * hr], dk[4 * c + 2 * hr + 1]);
-      *reinterpret_cast<uint32_t*>(dvr + 8 * c) =
-          PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
-    }
-  }
+  });
 }
 
 __global__ void __launch_bounds__(kWsThreads, 1)

@@ -490,6 +490,67 @@ __device__ __forceinline__ void DqStoreWriter(const WgmmaBwdParams& p, int* tick
 // DqStoreWriter (the first contribution to each dq_acc half-tile is a copy, so dq_acc is not
 // zeroed) and the block order is longest first. (Until attn128b the default kernel's consumers
 // issued their bulk reductions themselves, into a zeroed dq_acc: attention_notes.md.)
+// The backward's dK / dV epilogue, shared by BwdWsBody and attention_bwd_q128.cu's D 64 kernel:
+// dK times the softmax scale, with the fused RoPE (kRope) rotated back by −angle, then dK and dV
+// of this thread's two keys (key_lo, key_lo + 8; keys past seq skipped) packed to bf16 and stored.
+// `before_scale` runs after the RoPE table loads are issued and before dK is touched (the q128
+// kernel's reducer waits for its last bulk dQ reduction there, so the loads overlap that wait).
+template <int kD, bool kRope, typename BeforeScale>
+__device__ __forceinline__ void StoreDkDv(const WgmmaBwdParams& p, float (&dk)[kD / 2], const float (&dv)[kD / 2],
+                                          int key_lo, int seq, int64_t row_base, int hk, int tq,
+                                          BeforeScale before_scale) {
+  if constexpr (kRope) {
+    // The dK epilogue's fused inverse RoPE. This thread's table values (2 keys x R/16 pairs x
+    // cos, sin float2: 32 registers at D 64, 64 at D 128, with only dK, dV live). They were
+    // loaded before the consumer's last bulk wait when consumers issued their own dQ
+    // reductions (the session-8 H100 call: −1% against loads after that wait); since attn128b
+    // no consumer thread issues bulk operations (the writers wait for theirs). With no RoPE,
+    // pairs = 0 and nothing is loaded.
+    float2 rcs[2][kD / 16], rsn[2][kD / 16];
+    const int pairs = p.rope_half / 8;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int64_t row = static_cast<int64_t>(key_lo + 8 * hr < seq ? key_lo + 8 * hr : 0);
+      const float* cp = p.rope_cos + row * p.rope_half + 2 * tq;
+      const float* sp = p.rope_sin + row * p.rope_half + 2 * tq;
+#pragma unroll
+      for (int c = 0; c < kD / 16; ++c) {
+        if (c < pairs) {
+          rcs[hr][c] = __ldg(reinterpret_cast<const float2*>(cp + 8 * c));
+          rsn[hr][c] = __ldg(reinterpret_cast<const float2*>(sp + 8 * c));
+        } else {
+          rcs[hr][c] = rsn[hr][c] = make_float2(0.f, 0.f);
+        }
+      }
+    }
+    before_scale();
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      if (key_lo + 8 * hr < seq) {
+        InverseRopeDispatch<kD>(pairs, dk, hr, rcs[hr], rsn[hr]);
+      }
+    }
+  } else {
+    before_scale();
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int key = key_lo + 8 * hr;
+    if (key >= seq) continue;
+    bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+    bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
+#pragma unroll
+    for (int c = 0; c < kD / 8; ++c) {
+      *reinterpret_cast<uint32_t*>(dkr + 8 * c) = PackBf16(dk[4 * c + 2 * hr], dk[4 * c + 2 * hr + 1]);
+      *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
+    }
+  }
+}
+
 template <int kD, bool kRope, bool kDet>
 __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaMaps& maps,
                                           const int head_group, int* const dq_turns = nullptr,
@@ -509,7 +570,6 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
   constexpr bool kKvRegs = kD == 64;
   constexpr int kBN = 128, kBM = 64;
   constexpr int kKBlock = kBN * 128, kQBlock = kBM * 128;  // bytes per 64-column block
-  constexpr int kDT = kD / 8;
   constexpr int kDqN = L::kDqN;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = SmemAddr(smem_raw);
@@ -896,54 +956,7 @@ __device__ __forceinline__ void BwdWsBody(const WgmmaBwdParams& p, const BwdTmaM
     FenceRegs(dq);
     reduce_dq(dq, pit, hk * p.group + pit / per_head, m_first + pit % per_head);
   }
-  if constexpr (kRope) {
-    // The dK epilogue's fused inverse RoPE. This thread's table values (2 keys x R/16 pairs x
-    // cos, sin float2: 32 registers at D 64, 64 at D 128, with only dK, dV live). They were
-    // loaded before the consumer's last bulk wait when consumers issued their own dQ
-    // reductions (the session-8 H100 call: −1% against loads after that wait); since attn128b
-    // no consumer thread issues bulk operations (the writers wait for theirs). With no RoPE,
-    // pairs = 0 and nothing is loaded.
-    float2 rcs[2][kD / 16], rsn[2][kD / 16];
-    const int pairs = p.rope_half / 8;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int64_t row = static_cast<int64_t>(key_lo + 8 * hr < seq ? key_lo + 8 * hr : 0);
-      const float* cp = p.rope_cos + row * p.rope_half + 2 * tq;
-      const float* sp = p.rope_sin + row * p.rope_half + 2 * tq;
-#pragma unroll
-      for (int c = 0; c < kD / 16; ++c) {
-        if (c < pairs) {
-          rcs[hr][c] = __ldg(reinterpret_cast<const float2*>(cp + 8 * c));
-          rsn[hr][c] = __ldg(reinterpret_cast<const float2*>(sp + 8 * c));
-        } else {
-          rcs[hr][c] = rsn[hr][c] = make_float2(0.f, 0.f);
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      if (key_lo + 8 * hr < seq) {
-        InverseRopeDispatch<kD>(pairs, dk, hr, rcs[hr], rsn[hr]);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kD / 2; ++i) dk[i] *= p.scale;
-  }
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int key = key_lo + 8 * hr;
-    if (key >= seq) continue;
-    bf16* dkr = p.dk + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
-    bf16* dvr = p.dv + (row_base + key) * p.kv_stride + hk * kD + 2 * tq;
-#pragma unroll
-    for (int c = 0; c < kDT; ++c) {
-      *reinterpret_cast<uint32_t*>(dkr + 8 * c) = PackBf16(dk[4 * c + 2 * hr], dk[4 * c + 2 * hr + 1]);
-      *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * hr], dv[4 * c + 2 * hr + 1]);
-    }
-  }
+  StoreDkDv<kD, kRope>(p, dk, dv, key_lo, seq, row_base, hk, tq, [] {});
 }
 
 // The forwards' online-softmax steps on one warpgroup's S accumulators (m64n128: 64 floats a
