@@ -517,20 +517,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_prep_kernel(const bf16* out
   const int64_t rh = c / kChunks;
   const int d0 = static_cast<int>(c % kChunks) * 8;
   const bool valid = rh < rows_heads;  // whole row-heads per warp: no partial shuffle groups
-  float acc = 0.f;
-  if (valid) {
-    const uint4 o = *reinterpret_cast<const uint4*>(out + rh * kD + d0);
-    const uint4 d = *reinterpret_cast<const uint4*>(dout + rh * kD + d0);
-    const uint32_t os[4] = {o.x, o.y, o.z, o.w}, ds[4] = {d.x, d.y, d.z, d.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 of = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&os[i]));
-      const float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ds[i]));
-      acc = fmaf(of.x, df.x, fmaf(of.y, df.y, acc));
-    }
-  }
-#pragma unroll
-  for (int off = kChunks / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  const float acc = OutDoutRowDot<kD>(out, dout, rh, d0, valid);
   if (!valid) return;
   const int64_t row = rh / heads;  // b·T + t
   const int h = static_cast<int>(rh % heads);

@@ -70,6 +70,31 @@ __host__ __device__ inline int64_t BwdWsDqAccIndex(int64_t b, int64_t h, int64_t
          ((d % block_cols) ^ static_cast<int>(8 * (r % 4)));
 }
 
+// The backward prep's D_i = Σ_d dO·O of one (row, head) `rh` of [rows·heads, kD] out / dout: one
+// thread per 8-column chunk d0 (16-byte loads), the kD/8 threads of a row-head (whole row-heads per
+// warp) reduced with shuffles; invalid threads (past the last row-head) add 0. Shared by
+// attention.cu's prep and attention_bwd_store.cu's.
+template <int kD>
+__device__ __forceinline__ float OutDoutRowDot(const __nv_bfloat16* out, const __nv_bfloat16* dout,
+                                               int64_t rh, int d0, bool valid) {
+  constexpr int kChunks = kD / 8;
+  float acc = 0.f;
+  if (valid) {
+    const uint4 o = *reinterpret_cast<const uint4*>(out + rh * kD + d0);
+    const uint4 d = *reinterpret_cast<const uint4*>(dout + rh * kD + d0);
+    const uint32_t os[4] = {o.x, o.y, o.z, o.w}, ds[4] = {d.x, d.y, d.z, d.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 of = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&os[i]));
+      const float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ds[i]));
+      acc = fmaf(of.x, df.x, fmaf(of.y, df.y, acc));
+    }
+  }
+#pragma unroll
+  for (int off = kChunks / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  return acc;
+}
+
 // The backward main kernels (attention.cu picks): D 128 LaunchAttentionBackwardWgmmaStore, D 64
 // LaunchAttentionBackwardWgmmaQ128, the deterministic backward
 // LaunchAttentionBackwardWgmmaDeterministic. dq_acc is in the blocked layout above (rows past T
