@@ -66,6 +66,18 @@ def set_xlstm_weights(model, mode, seed=8):
         print("  (parameters left at their init: %s)" % ", ".join(unknown))
 
 
+def four_precisions(model, ids):
+    """Logits of `model` on `ids` in float64 (the reference), float32, bf16 autocast and pure bf16
+    (in that order: each conversion changes the model in place)."""
+    with torch.no_grad():
+        ref = model.double().cuda()(ids).logits.double()
+        f32 = model.float()(ids).logits.double()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            auto = model(ids).logits.double()
+        bf = model.to(torch.bfloat16)(ids).logits.double()
+    return ref, f32, auto, bf
+
+
 def xlstm_case(mode, chunk, seq):
     from transformers import xLSTMConfig, xLSTMForCausalLM
     cfg = xLSTMConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_blocks=L, num_heads=NH,
@@ -77,13 +89,7 @@ def xlstm_case(mode, chunk, seq):
     model = xLSTMForCausalLM(cfg)
     set_xlstm_weights(model, mode)
     ids = torch.randint(0, V, (B, seq), generator=torch.Generator().manual_seed(9)).cuda()
-    with torch.no_grad():
-        ref = model.double().cuda()(ids).logits.double()
-        f32 = model.float()(ids).logits.double()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            auto = model(ids).logits.double()
-        bf = model.to(torch.bfloat16)(ids).logits.double()
-    return ref, f32, auto, bf
+    return four_precisions(model, ids)
 
 
 def llama_case():
@@ -100,13 +106,7 @@ def llama_case():
                 w = 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64)
             p.copy_(bf16_values(w).to(p.dtype))
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(9)).cuda()
-    with torch.no_grad():
-        ref = model.double().cuda()(ids).logits.double()
-        f32 = model.float()(ids).logits.double()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            auto = model(ids).logits.double()
-        bf = model.to(torch.bfloat16)(ids).logits.double()
-    return ref, f32, auto, bf
+    return four_precisions(model, ids)
 
 
 def main():
